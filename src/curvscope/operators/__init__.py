@@ -1,0 +1,6 @@
+"""Curvature operators on the flat parameter vector (they know PyTorch models)."""
+
+from .base import CurvatureOperator
+from .hessian import HessianOperator
+
+__all__ = ["CurvatureOperator", "HessianOperator"]

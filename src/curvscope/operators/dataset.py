@@ -1,0 +1,163 @@
+"""Curvature of the mean loss over a whole data source, accumulated batch by batch.
+
+Subclasses (Hessian, Gauss-Newton, ...) say how one batch's curvature acts on a block of
+vectors; this class walks the data, weights each batch by its size (so an uneven last batch is
+exact), checks inputs and results, and keeps the model untouched.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import CurvatureOperator
+from .data import Batch, DataSource, UnpackBatch, is_shuffling
+from .functional import (
+    ModelFunction,
+    ParamSpec,
+    batchnorm_in_train_mode,
+    preserved_rng,
+    random_modules,
+)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class DatasetCurvatureOperator(CurvatureOperator):
+    """Operator of the form (1/N) sum_b |b| C_b, with C_b the curvature of batch b's mean loss.
+
+    Args:
+        model: Any ``nn.Module``; never modified (see :mod:`curvscope.operators.functional`).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's *mean* loss (a scalar).
+        data: Re-iterable of batches (list or DataLoader), walked once per product.
+        params: Subset of parameters to analyse (names or parameters); default all trainable.
+        dtype: Product dtype; default float64 on CPU, the model's dtype on GPU.
+        device: Where products run; default the model's device.
+        unpack_batch: ``batch -> (inputs, targets)`` for batches that are not pairs.
+        check_determinism: Evaluate the first batch's loss twice at construction and refuse a
+            random forward pass (dropout written with ``F.dropout``, say).
+
+    Attributes:
+        num_samples: N, the samples seen by the last data pass (None before the first).
+        num_params: n.
+        param_names: Analysed parameter names in flat-vector order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        params: ParamSpec = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        unpack_batch: UnpackBatch | None = None,
+        check_determinism: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
+        self.function = ModelFunction(model, params=params, dtype=dtype, device=device)
+        super().__init__(self.function.num_params, self.function.dtype, self.function.device)
+        self.loss_fn = loss_fn
+        self.source = DataSource(data, self.device, self.dtype, unpack_batch)
+        self.num_samples: int | None = None
+        self._refuse_randomness(model, data)
+        first = self.source.first()
+        with preserved_rng(), torch.enable_grad():
+            loss = self.batch_loss(first)
+            if check_determinism:
+                again = self.batch_loss(first)
+                if not torch.allclose(loss, again, rtol=1e-6, atol=0.0):
+                    raise ValueError(
+                        f"two evaluations of the loss on batch 0 differ ({loss.item():.10g} vs "
+                        f"{again.item():.10g}): the forward pass is random (dropout?), which "
+                        "makes the curvature random. Call model.eval() or remove the randomness"
+                    )
+
+    @property
+    def num_params(self) -> int:
+        return self.shape[0]
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.function.names)
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat vector (n,) -> {parameter name: tensor of that parameter's shape}."""
+        return self.function.unflatten(v)
+
+    def _refuse_randomness(self, model: nn.Module, data: Iterable[Any]) -> None:
+        random = random_modules(model)
+        if random:
+            raise ValueError(
+                f"modules {random} are random in train mode, which makes the curvature random: "
+                "call model.eval() (BatchNorm layers keep using population statistics then), "
+                "or set their p=0 for the analysis"
+            )
+        if is_shuffling(data) and batchnorm_in_train_mode(model):
+            raise ValueError(
+                "BatchNorm in train mode makes each batch's composition part of the loss, and "
+                "this DataLoader shuffles, so every product would see another loss: pass a "
+                "DataLoader with shuffle=False (or a fixed list of batches), or call model.eval()"
+            )
+
+    def batch_loss(
+        self, batch: Batch, leaves: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The checked scalar mean loss of one batch at the frozen parameters."""
+        loss = self.loss_fn(self.function.outputs(batch, leaves), batch.targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn returned {shape} on batch {batch.index}: it must return the batch's "
+                "mean loss as a scalar tensor (e.g. reduction='mean')"
+            )
+        if not torch.isfinite(loss).all():
+            raise ValueError(
+                f"the loss is {loss.item()} on batch {batch.index}: curvature of a non-finite "
+                "loss is meaningless; check the model's parameters and this batch's data"
+            )
+        return loss.reshape(())
+
+    @abstractmethod
+    def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Curvature of ``batch``'s mean loss applied to each row of ``rows`` (k, n) -> (k, n).
+
+        Blocks travel as rows inside the operators so that every vector, and every
+        parameter's slice of it, is contiguous in memory.
+        """
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        rows = V.T.contiguous()
+        total = torch.zeros_like(rows)
+        num_samples = 0
+        with preserved_rng(), torch.enable_grad():
+            for batch in self.source:
+                product = self.batch_products(batch, rows)
+                # One reduction instead of an elementwise test; exact check only on alarm.
+                if not torch.isfinite(product.sum()) and not torch.isfinite(product).all():
+                    raise ValueError(
+                        f"the curvature product is not finite on batch {batch.index}: "
+                        "the loss overflows in its second derivative there; check that batch "
+                        "and the model's parameters"
+                    )
+                total.add_(product, alpha=float(batch.size))
+                num_samples += batch.size
+        if num_samples == 0:
+            raise ValueError(
+                "data yielded no batches on this pass: the data source must be re-iterable "
+                "(a list or a DataLoader, not a generator)"
+            )
+        if self.num_samples is not None and num_samples != self.num_samples:
+            raise ValueError(
+                f"the data yielded {num_samples} samples on this pass but {self.num_samples} "
+                "before: the data source must give the same samples on every pass"
+            )
+        self.num_samples = num_samples
+        return total.div_(num_samples).T.contiguous()
