@@ -1,0 +1,76 @@
+"""What the numerics need from an operator, and a dense stand-in for tests and small problems.
+
+Numerics in :mod:`curvscope.linalg` see only ``shape``, ``dtype``, ``device`` and
+``matmat(V)`` on (n, k) blocks; they never see a model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@runtime_checkable
+class LinearOperatorLike(Protocol):
+    """A symmetric operator of shape (n, n) acting on (n, k) torch blocks."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseOperator:
+    """A dense symmetric matrix behind the operator interface (tests, small problems)."""
+
+    def __init__(self, matrix: torch.Tensor | np.ndarray) -> None:
+        matrix = torch.as_tensor(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.shape = (matrix.shape[0], matrix.shape[1])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.num_products = 0
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.num_products += V.shape[1]
+        return self.matrix @ V
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+
+def as_operator(op: LinearOperatorLike | torch.Tensor | np.ndarray) -> LinearOperatorLike:
+    """Accept an operator, or wrap a dense square matrix in :class:`DenseOperator`."""
+    if isinstance(op, (torch.Tensor, np.ndarray)):
+        return DenseOperator(op)
+    if not all(hasattr(op, name) for name in ("shape", "dtype", "device", "matmat")):
+        raise TypeError(
+            f"{type(op).__name__} is not an operator: it needs shape, dtype, device and "
+            "matmat(V) for (n, k) blocks (curvscope.HessianOperator is one), or pass a matrix"
+        )
+    return op
+
+
+def apply_rows(op: LinearOperatorLike, rows: torch.Tensor) -> torch.Tensor:
+    """Apply ``op`` to float64 rows (k, n) in the operator's dtype; returns float64 rows."""
+    V = rows.T.to(dtype=op.dtype, device=op.device)
+    return op.matmat(V).T.to(torch.float64)
+
+
+def gaussian_rows(k: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """k standard Gaussian rows of length n, float64, drawn on the CPU so the seed alone
+    fixes them on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(k, n, generator=generator, dtype=torch.float64).to(device)
+
+
+def rademacher_rows(k: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """k Rademacher (+-1) rows of length n, float64, drawn on the CPU from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (k, n), generator=generator, dtype=torch.int8)
+    return (2 * signs - 1).to(torch.float64).to(device)
