@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
 from .data import Batch, DataSource, UnpackBatch, is_shuffling
 from .functional import (
@@ -40,6 +41,10 @@ class DatasetCurvatureOperator(CurvatureOperator):
         unpack_batch: ``batch -> (inputs, targets)`` for batches that are not pairs.
         check_determinism: Evaluate the first batch's loss twice at construction and refuse a
             random forward pass (dropout written with ``F.dropout``, say).
+        matmat_mode: How k vectors share a batch's graph: "loop" (k backward passes through
+            the retained graph), "batched" (one vmapped pass, ``is_grads_batched``) or "auto":
+            loop on the CPU, where it measured faster (benchmarks/hvp_cost.py), batched
+            elsewhere with a fallback to loop when an operation has no batching rule.
 
     Attributes:
         num_samples: N, the samples seen by the last data pass (None before the first).
@@ -57,6 +62,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         device: torch.device | str | None = None,
         unpack_batch: UnpackBatch | None = None,
         check_determinism: bool = True,
+        matmat_mode: MatmatMode = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -67,6 +73,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.loss_fn = loss_fn
         self.source = DataSource(data, self.device, self.dtype, unpack_batch)
         self.num_samples: int | None = None
+        self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
         self._refuse_randomness(model, data)
         first = self.source.first()
         with preserved_rng(), torch.enable_grad():
@@ -79,6 +86,15 @@ class DatasetCurvatureOperator(CurvatureOperator):
                         f"{again.item():.10g}): the forward pass is random (dropout?), which "
                         "makes the curvature random. Call model.eval() or remove the randomness"
                     )
+
+    @property
+    def matmat_mode(self) -> str:
+        """How blocks share a batch's graph now: "loop", "batched" or "auto"."""
+        return self.backward.mode
+
+    @matmat_mode.setter
+    def matmat_mode(self, mode: str) -> None:
+        self.backward.mode = resolve_mode(mode, self.device)
 
     @property
     def num_params(self) -> int:
@@ -111,7 +127,12 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self, batch: Batch, leaves: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The checked scalar mean loss of one batch at the frozen parameters."""
-        loss = self.loss_fn(self.function.outputs(batch, leaves), batch.targets)
+        return self.check_loss(
+            self.loss_fn(self.function.outputs(batch, leaves), batch.targets), batch
+        )
+
+    def check_loss(self, loss: Any, batch: Batch) -> torch.Tensor:
+        """``loss`` as a 0-d tensor, or a clear error when it is not a finite scalar."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal
-
 import torch
-from torch import nn
 
-from .data import Batch, UnpackBatch
-from .dataset import DatasetCurvatureOperator, LossFn
-from .functional import ParamSpec
-
-MatmatMode = Literal["auto", "batched", "loop"]
+from .data import Batch
+from .dataset import DatasetCurvatureOperator
 
 
 class HessianOperator(DatasetCurvatureOperator):
@@ -30,39 +23,13 @@ class HessianOperator(DatasetCurvatureOperator):
     immutable" with ``F.mse_loss`` on torch 2.13, and with BatchNorm in train mode it returns
     a wrong Hessian without an error.
 
-    Args:
-        matmat_mode: How k vectors share a batch's graph: "batched" (one vmapped backward,
-            ``is_grads_batched``), "loop" (k backward passes through the retained graph) or
-            "auto": loop on CPU, where it measured faster (benchmarks/hvp_cost.py), batched
-            elsewhere, falling back to loop when an operation has no batching rule.
-        See :class:`~curvscope.operators.dataset.DatasetCurvatureOperator` for the others.
+    Arguments: see :class:`~curvscope.operators.dataset.DatasetCurvatureOperator`
+    (model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism,
+    matmat_mode).
 
     Shapes:
         ``matvec``: (n,) -> (n,); ``matmat``: (n, k) -> (n, k).
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        data: Iterable[Any],
-        params: ParamSpec = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        unpack_batch: UnpackBatch | None = None,
-        check_determinism: bool = True,
-        matmat_mode: MatmatMode = "auto",
-    ) -> None:
-        if matmat_mode not in ("auto", "batched", "loop"):
-            raise ValueError(
-                f"matmat_mode must be 'auto', 'batched' or 'loop', not {matmat_mode!r}"
-            )
-        self.matmat_mode = matmat_mode
-        super().__init__(
-            model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism
-        )
-        if self.matmat_mode == "auto" and self.device.type == "cpu":
-            self.matmat_mode = "loop"
 
     def batch_gradient(self, batch: Batch) -> list[torch.Tensor]:
         """Gradient of the batch's mean loss, with its graph kept for a second backward."""
@@ -76,37 +43,9 @@ class HessianOperator(DatasetCurvatureOperator):
 
     def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
         """Products of the batch Hessian with the rows (k, n) by reverse over reverse."""
-        leaves = self.function.param_list()
         grads = self.batch_gradient(batch)
-        k = rows.shape[0]
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-        if not live:  # the gradient does not depend on the parameters: zero Hessian
-            return torch.zeros_like(rows)
+        leaves = self.function.param_list()
         tangents = self.function.split(rows)
-        outputs = [grads[i] for i in live]
-
-        def second_backward(grad_outputs: list[torch.Tensor], batched: bool, retain: bool):
-            return torch.autograd.grad(
-                outputs,
-                leaves,
-                grad_outputs=grad_outputs,
-                retain_graph=retain,
-                allow_unused=True,
-                materialize_grads=True,
-                is_grads_batched=batched,
-            )
-
-        if k > 1 and self.matmat_mode in ("auto", "batched"):
-            try:
-                return self.function.join_rows(
-                    second_backward([tangents[i] for i in live], True, True), k
-                )
-            except RuntimeError:
-                if self.matmat_mode == "batched":
-                    raise
-                self.matmat_mode = "loop"  # some op lacks a batching rule: remember it
-        out = torch.empty_like(rows)
-        for j in range(k):
-            parts = second_backward([tangents[i][j] for i in live], False, j < k - 1)
-            self.function.join(parts, out=out[j])
-        return out
+        return self.backward(
+            grads, leaves, tangents, out=torch.empty_like(rows), retain_graph=False
+        )

@@ -1,0 +1,98 @@
+"""Gauss-Newton operator G = J^T H_L J and the residual H - G (Papyan 2019).
+
+Both are defined per batch: J is the Jacobian of the batch's outputs with respect to the
+parameters and H_L the Hessian of the batch's mean loss with respect to those outputs, so
+that H_b = G_b + R_b holds exactly for every batch, BatchNorm in train mode included (the
+batch statistics make outputs of one sample depend on the others; the per-batch J keeps
+that). J is never formed: J v comes from a double vector-Jacobian product through a dummy
+cotangent, J^T w from one backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import Batch
+from .dataset import DatasetCurvatureOperator
+
+
+class GGNOperator(DatasetCurvatureOperator):
+    """Generalised Gauss-Newton matrix of the mean loss over ``data``.
+
+    G = (1/N) sum_b |b| J_b^T H_{L,b} J_b, with J_b = d outputs_b / d theta of shape
+    (|b| * C, n) and H_{L,b} = d^2 L_b / d outputs_b^2. Positive semi-definite for convex
+    losses (cross-entropy, MSE). The model must return one tensor (the loss's input).
+
+    Cost of a block of k vectors per batch: one forward, one backward with a graph, then per
+    vector a double backward for J v, a loss-Hessian product and one backward for J^T.
+
+    Arguments as :class:`~curvscope.operators.hessian.HessianOperator`.
+    """
+
+    def batch_outputs(self, batch: Batch) -> torch.Tensor:
+        """The model's output tensor on ``batch``, with its graph to the parameters."""
+        outputs = self.function.outputs(batch)
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(
+                f"the model returned a {type(outputs).__name__}; the Gauss-Newton split needs "
+                "the single tensor that loss_fn takes: wrap the model so it returns that tensor"
+            )
+        return outputs
+
+    def output_loss_gradient(self, batch: Batch, outputs: torch.Tensor) -> tuple:
+        """(outputs detached as a leaf, dL_b/d outputs with its graph) for H_L products."""
+        leaf = outputs.detach().requires_grad_(True)
+        loss = self.loss_fn(leaf, batch.targets)
+        self.check_loss(loss, batch)
+        (gradient,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        return leaf, gradient
+
+    def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        outputs = self.batch_outputs(batch)
+        return self.gauss_newton_rows(batch, outputs, self.function.split(rows), rows)
+
+    def gauss_newton_rows(
+        self,
+        batch: Batch,
+        outputs: torch.Tensor,
+        tangents: list[torch.Tensor],
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """G_b applied to ``rows`` (k, n) (``tangents``: the same, per parameter)."""
+        leaves = self.function.param_list()
+        leaf, loss_gradient = self.output_loss_gradient(batch, outputs)
+        # J^T u as a function of a dummy cotangent u: differentiating it along v gives J v.
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        transposed = torch.autograd.grad(
+            outputs,
+            leaves,
+            grad_outputs=dummy,
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        (jv,) = self.backward(transposed, [dummy], tangents)
+        (hjv,) = self.backward([loss_gradient], [leaf], [jv])
+        return self.backward([outputs], leaves, [hjv], out=torch.empty_like(rows))
+
+
+class ResidualOperator(GGNOperator):
+    """Residual R = H - G of the Hessian beyond its Gauss-Newton part (Papyan 2019).
+
+    R = (1/N) sum_b |b| sum_{i, c} (dL_b / d out_{ic}) d^2 out_{ic} / d theta^2: the part
+    weighted by the loss's gradient in the outputs, small near an interpolating minimum.
+    Computed per batch as H_b V - G_b V from one forward pass, so H = G + R holds exactly.
+
+    Arguments as :class:`~curvscope.operators.hessian.HessianOperator`.
+    """
+
+    def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        leaves = self.function.param_list()
+        outputs = self.batch_outputs(batch)
+        loss = self.check_loss(self.loss_fn(outputs, batch.targets), batch)
+        gradient = torch.autograd.grad(
+            loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        tangents = self.function.split(rows)
+        hessian_rows = self.backward(gradient, leaves, tangents, out=torch.empty_like(rows))
+        return hessian_rows.sub_(self.gauss_newton_rows(batch, outputs, tangents, rows))
