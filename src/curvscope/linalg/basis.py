@@ -28,6 +28,10 @@ class MemoryBasis:
         """Basis of one probe as rows (stop, n)."""
         return self.data[:stop, probe]
 
+    def vectors_at(self, step: int) -> torch.Tensor:
+        """All probes' vectors of one step, (k, n)."""
+        return self.data[step].clone()
+
     def close(self) -> None:
         self.data = torch.empty(0)
 
@@ -38,7 +42,10 @@ class DiskBasis:
     Args:
         directory: Folder for the memmap file; a temporary folder by default. The file is
             removed by :meth:`close` unless ``keep`` is set.
+        keep: Leave the file in place on :meth:`close`.
         chunk_steps: Steps read per chunk during reorthogonalization.
+        path: Exact file to use (a checkpoint's basis); overrides ``directory``.
+        reopen: Open an existing ``path`` for reading and writing instead of creating it.
     """
 
     def __init__(
@@ -50,14 +57,28 @@ class DiskBasis:
         directory: str | os.PathLike[str] | None = None,
         keep: bool = False,
         chunk_steps: int = 8,
+        path: str | os.PathLike[str] | None = None,
+        reopen: bool = False,
     ) -> None:
         self.device = device
         self.keep = keep
         self.chunk_steps = chunk_steps
-        folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp())
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"lanczos_basis_{os.getpid()}_{id(self)}.f64"
-        self.data = np.memmap(self.path, dtype=np.float64, mode="w+", shape=(num_steps, k, n))
+        self.temporary_dir: Path | None = None
+        if path is not None:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            if directory is None:
+                self.temporary_dir = Path(tempfile.mkdtemp(prefix="curvscope_basis_"))
+            folder = Path(directory) if directory is not None else self.temporary_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"lanczos_basis_{os.getpid()}_{id(self)}.f64"
+        mode = "r+" if reopen else "w+"
+        self.data = np.memmap(self.path, dtype=np.float64, mode=mode, shape=(num_steps, k, n))
+
+    def flush(self) -> None:
+        """Push written rows to the file (before a checkpoint refers to them)."""
+        self.data.flush()
 
     def write(self, step: int, rows: torch.Tensor) -> None:
         self.data[step] = rows.detach().cpu().numpy()
@@ -70,10 +91,17 @@ class DiskBasis:
             yield start, torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
 
     def vectors(self, probe: int, stop: int) -> torch.Tensor:
+        """Basis of one probe as rows (stop, n)."""
         return torch.from_numpy(np.array(self.data[:stop, probe])).to(self.device)
+
+    def vectors_at(self, step: int) -> torch.Tensor:
+        """All probes' vectors of one step, (k, n)."""
+        return torch.from_numpy(np.array(self.data[step])).to(self.device)
 
     def close(self) -> None:
         path = self.path
         del self.data
         if not self.keep:
             path.unlink(missing_ok=True)
+            if self.temporary_dir is not None:
+                self.temporary_dir.rmdir()

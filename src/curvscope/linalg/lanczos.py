@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..results import load_result, save_result
 from .basis import DiskBasis, MemoryBasis
 from .interface import LinearOperatorLike, apply_rows, as_operator, gaussian_rows
 
@@ -48,6 +50,10 @@ class LanczosResult:
         return self.alphas[probe, :steps].copy(), self.betas[probe, : steps - 1].copy()
 
 
+CHECKPOINT_BASIS = "basis.f64"
+CHECKPOINT_STATE = "state"
+
+
 def lanczos(
     op: LinearOperatorLike | torch.Tensor | np.ndarray,
     num_iters: int,
@@ -59,6 +65,8 @@ def lanczos(
     keep_basis: bool = False,
     breakdown_tol: float | None = None,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> LanczosResult:
     """Run Lanczos from k start vectors at once, with full reorthogonalization (twice).
 
@@ -77,6 +85,14 @@ def lanczos(
             largest |alpha| or beta seen (its Krylov space is then invariant to working
             accuracy). Default: sqrt(machine epsilon) of the operator's dtype.
         progress: Show a progress bar over steps.
+        checkpoint_dir: Keep the run resumable: the basis lives on disk in this folder
+            (``basis.f64``) and the small recurrence state (``state.npz``/``state.json``) is
+            replaced atomically before every operator product, after the basis rows it
+            refers to are flushed. A run killed at any moment loses at most the product in
+            flight.
+        resume: Continue from the state in ``checkpoint_dir`` (the same operator, m and
+            start vectors are required; the start vectors' norms are compared). The result
+            equals that of an uninterrupted run.
 
     Returns:
         :class:`LanczosResult` with per-probe tridiagonals.
@@ -103,24 +119,49 @@ def lanczos(
         raise ValueError("a start vector is zero")
     q = q / start_norms[:, None]
     tol = breakdown_tol if breakdown_tol is not None else float(np.sqrt(torch.finfo(op.dtype).eps))
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
 
-    if basis == "memory":
-        store: MemoryBasis | DiskBasis = MemoryBasis(m, k, n, device)
+    state = _State.fresh(k, m, start_norms.cpu().numpy())
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        saved = _State.load(folder, n, k, m) if resume else None
+        store: MemoryBasis | DiskBasis = DiskBasis(
+            m, k, n, device, keep=True, path=folder / CHECKPOINT_BASIS, reopen=saved is not None
+        )  # kept on close: the checkpoint owns it
+        if saved is not None:
+            state = saved
+            state.check_start(start_norms.cpu().numpy())
+    elif basis == "memory":
+        store = MemoryBasis(m, k, n, device)
     elif basis == "disk":
         store = DiskBasis(m, k, n, device, directory=basis_dir, keep=keep_basis)
     else:
         raise ValueError(f"basis must be 'memory' or 'disk', not {basis!r}")
 
-    alphas = np.zeros((k, m))
-    betas = np.zeros((k, m))
-    num_steps = np.zeros(k, dtype=np.int64)
-    scale = np.zeros(k)
-    active = torch.arange(k, device=device)
+    active = torch.as_tensor(np.flatnonzero(state.active), device=device)
+    beta_prev = torch.as_tensor(state.beta_prev, device=device)
     q_prev = torch.zeros_like(q)
-    beta_prev = torch.zeros(k, dtype=torch.float64, device=device)
+    if state.step > 0 and not state.finished:  # resuming: current and previous vectors
+        q = store.vectors_at(state.step).to(device)
+        q_prev = store.vectors_at(state.step - 1).to(device)
     try:
-        for step in tqdm(range(m), desc="lanczos", disable=not progress, leave=False):
+        for step in tqdm(
+            range(state.step, m),
+            desc="lanczos",
+            disable=not progress,
+            leave=False,
+            initial=state.step,
+            total=m,
+        ):
+            if state.finished:
+                break
             store.write(step, q)
+            if checkpoint_dir is not None:
+                state.step = step
+                state.beta_prev = beta_prev.cpu().numpy()
+                store.flush()
+                state.save(Path(checkpoint_dir), n)
             idx = active
             w = apply_rows(op, q[idx])
             alpha = (w * q[idx]).sum(dim=1)
@@ -131,16 +172,21 @@ def lanczos(
                     w -= torch.einsum("sk,skn->kn", coeffs, chunk)
             beta = w.norm(dim=1)
             ids = idx.cpu().numpy()
-            alphas[ids, step] = alpha.cpu().numpy()
-            betas[ids, step] = beta.cpu().numpy()
-            num_steps[ids] += 1
-            scale[ids] = np.maximum(
-                scale[ids], np.maximum(np.abs(alphas[ids, step]), betas[ids, step])
+            state.alphas[ids, step] = alpha.cpu().numpy()
+            state.betas[ids, step] = beta.cpu().numpy()
+            state.num_steps[ids] += 1
+            state.scale[ids] = np.maximum(
+                state.scale[ids],
+                np.maximum(np.abs(state.alphas[ids, step]), state.betas[ids, step]),
             )
             if step == m - 1:
                 break
-            alive = beta.cpu().numpy() > tol * np.maximum(scale[ids], np.finfo(np.float64).tiny)
+            alive = beta.cpu().numpy() > tol * np.maximum(
+                state.scale[ids], np.finfo(np.float64).tiny
+            )
+            state.active[ids[~alive]] = False
             if not alive.any():
+                state.finished = True
                 break
             keep = torch.as_tensor(alive, device=device)
             q_prev[idx] = q[idx]
@@ -150,11 +196,80 @@ def lanczos(
             q = new_q
             active = idx[keep]
     except BaseException:
-        store.close()
+        if checkpoint_dir is None:
+            store.close()
         raise
+    if checkpoint_dir is not None:
+        state.step = m
+        state.finished = True
+        state.save(Path(checkpoint_dir), n)
+    kept = store if keep_basis else None
     if not keep_basis:
         store.close()
-        kept = None
-    else:
-        kept = store
-    return LanczosResult(alphas, betas, num_steps, start_norms.cpu().numpy(), kept)
+    return LanczosResult(state.alphas, state.betas, state.num_steps, state.start_norms, kept)
+
+
+@dataclass
+class _State:
+    """The recurrence state of a lockstep Lanczos run, small enough to rewrite every step."""
+
+    step: int
+    finished: bool
+    alphas: np.ndarray
+    betas: np.ndarray
+    num_steps: np.ndarray
+    scale: np.ndarray
+    active: np.ndarray
+    beta_prev: np.ndarray
+    start_norms: np.ndarray
+
+    @classmethod
+    def fresh(cls, k: int, m: int, start_norms: np.ndarray) -> _State:
+        return cls(
+            step=0,
+            finished=False,
+            alphas=np.zeros((k, m)),
+            betas=np.zeros((k, m)),
+            num_steps=np.zeros(k, dtype=np.int64),
+            scale=np.zeros(k),
+            active=np.ones(k, dtype=bool),
+            beta_prev=np.zeros(k),
+            start_norms=start_norms,
+        )
+
+    def save(self, folder: Path, n: int) -> None:
+        arrays = {
+            name: getattr(self, name)
+            for name in (
+                "alphas",
+                "betas",
+                "num_steps",
+                "scale",
+                "active",
+                "beta_prev",
+                "start_norms",
+            )
+        }
+        meta = {"step": self.step, "finished": self.finished, "n": n, "kind": "LanczosState"}
+        save_result(folder / CHECKPOINT_STATE, arrays, meta)
+
+    @classmethod
+    def load(cls, folder: Path, n: int, k: int, m: int) -> _State | None:
+        """The saved state, or None when the folder holds none yet (a fresh start)."""
+        if not (folder / f"{CHECKPOINT_STATE}.json").exists():
+            return None
+        arrays, meta = load_result(folder / CHECKPOINT_STATE)
+        if meta.get("n") != n or arrays["alphas"].shape != (k, m):
+            raise ValueError(
+                f"the checkpoint in {folder} is of another run (n={meta.get('n')}, "
+                f"probes x steps={arrays['alphas'].shape}; now n={n}, {(k, m)}): use a new "
+                "checkpoint folder or the original settings"
+            )
+        return cls(step=int(meta["step"]), finished=bool(meta["finished"]), **arrays)
+
+    def check_start(self, start_norms: np.ndarray) -> None:
+        if not np.array_equal(start_norms, self.start_norms):
+            raise ValueError(
+                "the start vectors differ from the checkpointed run's (another seed or "
+                "operator size?): resume with the same seed and probes"
+            )

@@ -53,6 +53,8 @@ def spectral_density(
     basis_dir: str | os.PathLike[str] | None = None,
     max_basis_bytes: int = 2 * 1024**3,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -69,6 +71,10 @@ def spectral_density(
             that the group's float64 basis (m x group x n x 8 bytes) fits this budget; the
             start vectors are drawn up front, so the grouping never changes the result.
         progress: Show a progress bar over Lanczos steps.
+        checkpoint_dir: Make the run resumable (see :func:`~curvscope.linalg.lanczos.lanczos`):
+            all probes run in one lockstep group with their basis on disk in this folder.
+        resume: Continue the run checkpointed in ``checkpoint_dir``; the result equals an
+            uninterrupted checkpointed run's, bit for bit.
 
     Returns:
         :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape (num_probes, m).
@@ -79,7 +85,7 @@ def spectral_density(
     started = time.perf_counter()
     start_rows = gaussian_rows(num_probes, n, seed, op.device)
     group = num_probes
-    if basis == "memory":
+    if basis == "memory" and checkpoint_dir is None:
         group = int(max(1, min(num_probes, max_basis_bytes // max(1, m * n * 8))))
     all_nodes, all_weights, all_steps = [], [], []
     for first in range(0, num_probes, group):
@@ -90,6 +96,8 @@ def spectral_density(
             basis=basis,
             basis_dir=basis_dir,
             progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
         )
         nodes, weights = quadrature_from_lanczos(result)
         all_nodes.append(nodes)
@@ -106,7 +114,8 @@ def spectral_density(
         "recurrence_dtype": "float64",
         "operator_dtype": str(op.dtype).replace("torch.", ""),
         "operator": type(op).__name__,
-        "basis": basis,
+        "basis": "disk" if checkpoint_dir is not None else basis,
+        "resumed": bool(resume),
         "wall_time_s": time.perf_counter() - started,
     }
     return SpectralDensity(
