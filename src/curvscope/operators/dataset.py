@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum_, is_distributed
 from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
 from .data import Batch, DataSource, UnpackBatch, is_shuffling
@@ -75,8 +76,10 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.num_samples: int | None = None
         self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
         self._refuse_randomness(model, data)
-        first = self.source.first()
         with preserved_rng(), torch.enable_grad():
+            # Inside preserved_rng: a DataLoader draws its base seed from the global RNG on
+            # every pass, shuffling or not.
+            first = self.source.first()
             loss = self.batch_loss(first)
             if check_determinism:
                 again = self.batch_loss(first)
@@ -170,6 +173,10 @@ class DatasetCurvatureOperator(CurvatureOperator):
                     )
                 total.add_(product, alpha=float(batch.size))
                 num_samples += batch.size
+        if is_distributed():  # each rank walked its shard: sum blocks and sample counts
+            count = torch.tensor([float(num_samples)], dtype=total.dtype, device=total.device)
+            all_reduce_sum_(total)
+            num_samples = int(all_reduce_sum_(count).item())
         if num_samples == 0:
             raise ValueError(
                 "data yielded no batches on this pass: the data source must be re-iterable "
