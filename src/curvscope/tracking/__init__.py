@@ -1,0 +1,25 @@
+"""Curvature snapshots during training: a schedule, a tracker, and a crash-safe run store.
+
+``Tracker(run_dir, loss_fn, data, schedule).step(step, model, optimizer, loss=loss)`` in any
+training loop; ``load_run(run_dir)`` reads the series back. Optional trainer integrations live
+in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), imported lazily.
+"""
+
+from .callbacks import HuggingFaceTracker, LightningTracker
+from .schedule import Schedule
+from .store import Problem, Run, RunStore, load_run
+from .tracker import MEASUREMENTS, Snapshot, Tracker, register_measurement
+
+__all__ = [
+    "MEASUREMENTS",
+    "HuggingFaceTracker",
+    "LightningTracker",
+    "Problem",
+    "Run",
+    "RunStore",
+    "Schedule",
+    "Snapshot",
+    "Tracker",
+    "load_run",
+    "register_measurement",
+]

@@ -1,0 +1,159 @@
+"""Trainer integrations: a PyTorch Lightning ``Callback`` and a Hugging Face ``TrainerCallback``.
+
+Neither package is a dependency of curvscope. Importing this module imports neither; building
+a callback imports its trainer package then, and raises an ``ImportError`` that says what to
+install when it is missing. Each callback takes the :class:`~curvscope.tracking.Tracker`
+arguments (run folder, loss, data, schedule, measurements, ...) and creates the tracker when
+training begins, on the global rank 0 process only (other ranks measure nothing).
+
+The trainers keep the model in train mode: a model with dropout must be measured without it
+(the Hessian of a random loss is random), so the Hessian operator refuses such a model; give
+the dropout layers p=0 or track a model without them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .tracker import Tracker
+
+
+def _lightning_callback_base() -> type:
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError:
+            raise ImportError(
+                "LightningTracker needs PyTorch Lightning: pip install lightning "
+                "(or pytorch-lightning); Tracker works in any loop without it"
+            ) from None
+    return Callback
+
+
+def _huggingface_callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:
+        raise ImportError(
+            "HuggingFaceTracker needs Hugging Face transformers: pip install transformers; "
+            "Tracker works in any loop without it"
+        ) from None
+    return TrainerCallback
+
+
+class _TrackerOwner:
+    """Holds the Tracker arguments and makes the Tracker on the main process when asked."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        loss_fn: Any,
+        data: Iterable[Any],
+        schedule: Any = "every:100",
+        **tracker_options: Any,
+    ) -> None:
+        super().__init__()
+        self._tracker_args = (run_dir, loss_fn, data, schedule)
+        self._tracker_options = tracker_options
+        self.tracker: Tracker | None = None
+
+    def _start(self, is_main: bool) -> None:
+        if is_main and self.tracker is None:
+            self.tracker = Tracker(*self._tracker_args, **self._tracker_options)
+
+    def _close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+class _LightningHooks(_TrackerOwner):
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start(bool(trainer.is_global_zero))
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tracker is None:
+            return
+        scalars = {}
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None and getattr(loss, "numel", lambda: 0)() == 1:
+            scalars["loss"] = loss
+        optimizers = getattr(trainer, "optimizers", None) or [None]
+        snapshot = self.tracker.step(int(trainer.global_step), pl_module, optimizers[0], **scalars)
+        if snapshot is not None and getattr(trainer, "logger", None) is not None:
+            trainer.logger.log_metrics(
+                {f"curvscope/{key}": value for key, value in snapshot.scalars.items()},
+                step=snapshot.step,
+            )
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+
+class _HuggingFaceHooks(_TrackerOwner):
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start(bool(state.is_world_process_zero))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is None or kwargs.get("model") is None:
+            return
+        scalars = {}
+        history = getattr(state, "log_history", None) or []
+        if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
+            scalars["loss"] = history[-1]["loss"]
+        self.tracker.step(
+            int(state.global_step), kwargs["model"], kwargs.get("optimizer"), **scalars
+        )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close()
+
+
+@functools.cache
+def _combined(hooks: type, base: type, name: str) -> type:
+    return type(name, (hooks, base), {"__module__": __name__, "__doc__": hooks.__doc__})
+
+
+class LightningTracker:
+    """A PyTorch Lightning ``Callback`` that runs a :class:`Tracker` after every training batch.
+
+    ``Trainer(callbacks=[LightningTracker("runs/x", loss_fn, data, "log:1:10000:10")])``.
+    The step is ``trainer.global_step``, the loss comes from the ``training_step`` output, the
+    lr from the first optimizer; each snapshot's scalars also go to ``trainer.logger`` under
+    "curvscope/...". Arguments are those of :class:`Tracker`; ``.tracker`` is the Tracker once
+    training started (on global rank 0).
+
+    Raises:
+        ImportError: PyTorch Lightning is not installed.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        real = _combined(_LightningHooks, _lightning_callback_base(), "LightningTracker")
+        return real(*args, **kwargs)
+
+
+class HuggingFaceTracker:
+    """A Hugging Face ``TrainerCallback`` that runs a :class:`Tracker` at every step end.
+
+    ``Trainer(..., callbacks=[HuggingFaceTracker("runs/x", loss_fn, data, "every:100",
+    operator_options={"unpack_batch": unpack})])``. The step is ``state.global_step``, the lr
+    comes from the optimizer, the loss from the latest log entry when it is for this step.
+    Arguments are those of :class:`Tracker`.
+
+    Raises:
+        ImportError: transformers is not installed.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        real = _combined(_HuggingFaceHooks, _huggingface_callback_base(), "HuggingFaceTracker")
+        return real(*args, **kwargs)
