@@ -5,6 +5,7 @@ training loop; ``load_run(run_dir)`` reads the series back. Optional trainer int
 in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), imported lazily.
 """
 
+from . import measurements as _measurements  # noqa: F401  (registers stability, ntk, ...)
 from .callbacks import HuggingFaceTracker, LightningTracker
 from .schedule import Schedule
 from .store import Problem, Run, RunStore, load_run

@@ -1,0 +1,85 @@
+"""Training-dynamics measurements for the tracker (issue 4): stability, NTK trace, and the
+stochastic edge of SGD. Registered on import of :mod:`curvscope.tracking`.
+
+- "stability": the optimizer's sharpness (lambda_max(H) for SGD/heavy-ball/Nesterov, the
+  preconditioned lambda_max(M^1/2 H M^1/2) for Adam/AdamW) against its threshold, read from
+  the optimizer's own param_groups and state (:mod:`curvscope.analysis.stability`). Reuses
+  "top"'s lambda_max when listed before it (SGD family).
+- "ntk": Hutchinson estimate of tr(J J^T) over the tracker's data (10 Rademacher probes per
+  batch; ``extra={"ntk_method": "exact"}`` for the exact trace on small problems).
+- "stochastic_edge": K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) of
+  Agarwala & Pennington 2024 from the snapshot's SLQ density (list "density" before it); B is
+  ``extra["batch_size"]``, eta the optimizer's lr.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..analysis.stability import edge_distance, sharpness, stability_threshold
+from ..analysis.stochastic_edge import stochastic_edge_from_density
+from ..operators.ntk import ntk_trace
+from ..operators.update import optimizer_config
+from .tracker import register_measurement
+
+
+def _need(tracker: Any, name: str, for_what: str) -> Any:
+    if name not in tracker.current:
+        raise ValueError(f"measurement {for_what!r} needs {name!r} listed before it")
+    return tracker.current[name]
+
+
+@register_measurement("stability")
+def measure_stability(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
+    """Sharpness / threshold of the optimizer driving the model."""
+    if optimizer is None:
+        raise ValueError("the 'stability' measurement needs tracker.step(..., optimizer=...)")
+    named = dict(model.named_parameters())
+    config = optimizer_config(optimizer, [named[name] for name in op.param_names])
+    if config.method != "adam" and "top" in tracker.current:
+        value = tracker.current["top"][0]["lambda_max"]
+    else:
+        value = sharpness(op, config, tol=tracker.top_tol, seed=tracker.seed)
+    edge = edge_distance(value, stability_threshold(config))
+    return {
+        "sharpness": edge.sharpness,
+        "stability_threshold": edge.threshold,
+        "edge_ratio": edge.ratio,
+    }, {}
+
+
+@register_measurement("ntk")
+def measure_ntk(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
+    """tr(NTK) over the data, and per sample."""
+    extra = tracker.config.get("extra", {})
+    result = ntk_trace(
+        model,
+        tracker.data,
+        method=extra.get("ntk_method", "hutchinson"),
+        num_probes=int(extra.get("ntk_probes", 10)),
+        seed=tracker.seed,
+        params=op.param_names,
+        dtype=op.dtype,
+        device=op.device,
+        unpack_batch=op.source.unpack_batch,
+    )
+    return {
+        "ntk_trace": result.value,
+        "ntk_trace_std_error": result.std_error,
+        "ntk_trace_per_sample": result.per_sample,
+    }, {}
+
+
+@register_measurement("stochastic_edge")
+def measure_stochastic_edge(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
+    """K of the stochastic edge from the snapshot's density, the lr and the batch size."""
+    _, results = _need(tracker, "density", "stochastic_edge")
+    batch_size = tracker.config.get("extra", {}).get("batch_size")
+    if optimizer is None or batch_size is None:
+        raise ValueError(
+            "the 'stochastic_edge' measurement needs the optimizer (for lr) and "
+            "Tracker(extra={'batch_size': B}) with the training batch size"
+        )
+    eta = float(optimizer.param_groups[0]["lr"])
+    edge = stochastic_edge_from_density(results["density"], eta, int(batch_size))
+    return {"stochastic_K": edge.K, "stochastic_K_trace": edge.K_trace}, {}
