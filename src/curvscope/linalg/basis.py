@@ -1,14 +1,19 @@
-"""Where a Lanczos basis lives: in memory, or on disk (numpy memmap) for models whose
-m x n basis does not fit in RAM. Both store float64 rows of shape (k, n) per step."""
+"""Where a Lanczos basis lives: in memory, or in a file for models whose m x n basis does not
+fit in RAM. Both store float64 rows of shape (k, n) per step, laid out as an (m, k, n)
+row-major array (the file is exactly that array's bytes)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+#: Bytes of basis read per chunk during reorthogonalization (disk basis, partial probe sets).
+CHUNK_BYTES = 256 * 2**20
 
 
 class MemoryBasis:
@@ -16,13 +21,24 @@ class MemoryBasis:
 
     def __init__(self, num_steps: int, k: int, n: int, device: torch.device) -> None:
         self.data = torch.empty(num_steps, k, n, dtype=torch.float64, device=device)
+        self.chunk_steps = max(1, CHUNK_BYTES // (k * n * 8))
 
     def write(self, step: int, rows: torch.Tensor) -> None:
         self.data[step].copy_(rows)
 
-    def read_chunks(self, stop: int, probes: torch.Tensor):
-        """Yield (0, rows): steps [0, stop) of ``probes`` as one (stop, k, n) chunk."""
-        yield 0, self.data[:stop, probes]
+    def read_chunks(self, stop: int, probes: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start, rows (chunk, len(probes), n)) over steps [0, stop).
+
+        All probes: one view, no copy. A subset (after a breakdown): bounded copies.
+        """
+        k = self.data.shape[1]
+        probes = probes.to(self.data.device)
+        if probes.numel() == k and bool((probes == torch.arange(k, device=probes.device)).all()):
+            yield 0, self.data[:stop]
+            return
+        for start in range(0, stop, self.chunk_steps):
+            end = min(stop, start + self.chunk_steps)
+            yield start, self.data[start:end].index_select(1, probes)
 
     def vectors(self, probe: int, stop: int) -> torch.Tensor:
         """Basis of one probe as rows (stop, n)."""
@@ -37,13 +53,17 @@ class MemoryBasis:
 
 
 class DiskBasis:
-    """Basis of shape (m, k, n) in a float64 numpy memmap; only a few rows are in RAM at once.
+    """Basis of shape (m, k, n) in a float64 file, read back in chunks by positioned I/O.
+
+    Only one reusable chunk buffer (about ``chunk_bytes``) and the rows in use are in RAM:
+    no memory map, so pages read back are not kept mapped into the process (with a numpy
+    memmap every page read stayed resident, one n-vector per step; docs/memory.md).
 
     Args:
-        directory: Folder for the memmap file; a temporary folder by default. The file is
-            removed by :meth:`close` unless ``keep`` is set.
+        directory: Folder for the file; a temporary folder by default. The file is removed
+            by :meth:`close` unless ``keep`` is set.
         keep: Leave the file in place on :meth:`close`.
-        chunk_steps: Steps read per chunk during reorthogonalization.
+        chunk_bytes: Bytes read per chunk during reorthogonalization (at least one step).
         path: Exact file to use (a checkpoint's basis); overrides ``directory``.
         reopen: Open an existing ``path`` for reading and writing instead of creating it.
     """
@@ -56,13 +76,13 @@ class DiskBasis:
         device: torch.device,
         directory: str | os.PathLike[str] | None = None,
         keep: bool = False,
-        chunk_steps: int = 8,
+        chunk_bytes: int = CHUNK_BYTES,
         path: str | os.PathLike[str] | None = None,
         reopen: bool = False,
     ) -> None:
         self.device = device
         self.keep = keep
-        self.chunk_steps = chunk_steps
+        self.shape = (num_steps, k, n)
         self.temporary_dir: Path | None = None
         if path is not None:
             self.path = Path(path)
@@ -73,35 +93,81 @@ class DiskBasis:
             folder = Path(directory) if directory is not None else self.temporary_dir
             folder.mkdir(parents=True, exist_ok=True)
             self.path = folder / f"lanczos_basis_{os.getpid()}_{id(self)}.f64"
-        mode = "r+" if reopen else "w+"
-        self.data = np.memmap(self.path, dtype=np.float64, mode=mode, shape=(num_steps, k, n))
+        flags = os.O_RDWR | (0 if reopen else os.O_CREAT | os.O_TRUNC)
+        self.fd = os.open(self.path, flags, 0o644)
+        size = num_steps * k * n * 8
+        if reopen and os.fstat(self.fd).st_size != size:
+            os.close(self.fd)
+            raise ValueError(f"{self.path} does not hold a basis of shape {self.shape}")
+        os.ftruncate(self.fd, size)
+        self.chunk_steps = max(1, min(num_steps, chunk_bytes // (k * n * 8)))
+        self._buffer: np.ndarray | None = None
+
+    def _offset(self, step: int, probe: int = 0) -> int:
+        _, k, n = self.shape
+        return (step * k + probe) * n * 8
+
+    def _pwrite(self, array: np.ndarray, offset: int) -> None:
+        view = memoryview(np.ascontiguousarray(array)).cast("B")
+        while view:  # one write is capped near 2 GiB on Linux
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _pread(self, out: np.ndarray, offset: int) -> None:
+        view = memoryview(out).cast("B")
+        while view:
+            got = os.preadv(self.fd, [view], offset)
+            if got == 0:
+                raise EOFError(f"{self.path} is shorter than the basis it should hold")
+            view, offset = view[got:], offset + got
 
     def flush(self) -> None:
-        """Push written rows to the file (before a checkpoint refers to them)."""
-        self.data.flush()
+        """Make written rows durable before a checkpoint refers to them."""
+        os.fsync(self.fd)
 
     def write(self, step: int, rows: torch.Tensor) -> None:
-        self.data[step] = rows.detach().cpu().numpy()
+        self._pwrite(rows.detach().to("cpu", torch.float64).numpy(), self._offset(step))
 
-    def read_chunks(self, stop: int, probes: torch.Tensor):
-        """Yield (start, rows) with rows of shape (chunk, len(probes), n) on the device."""
+    def read_chunks(self, stop: int, probes: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start, rows (chunk, len(probes), n)) over steps [0, stop).
+
+        The rows live in one reused buffer: each item is valid until the next is requested.
+        """
+        _, k, n = self.shape
         index = probes.cpu().numpy()
+        if self._buffer is None:
+            self._buffer = np.empty((self.chunk_steps, k, n))
+        every = np.array_equal(index, np.arange(k))
         for start in range(0, stop, self.chunk_steps):
-            block = self.data[start : min(stop, start + self.chunk_steps)][:, index]
-            yield start, torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
+            steps = min(stop, start + self.chunk_steps) - start
+            block = self._buffer[:steps, : len(index)]
+            if every:
+                self._pread(block, self._offset(start))  # one contiguous read
+            else:
+                for s in range(steps):
+                    for j, probe in enumerate(index):
+                        self._pread(block[s, j], self._offset(start + s, int(probe)))
+            yield start, torch.from_numpy(block).to(self.device)
 
     def vectors(self, probe: int, stop: int) -> torch.Tensor:
         """Basis of one probe as rows (stop, n)."""
-        return torch.from_numpy(np.array(self.data[:stop, probe])).to(self.device)
+        out = np.empty((stop, self.shape[2]))
+        for step in range(stop):
+            self._pread(out[step], self._offset(step, probe))
+        return torch.from_numpy(out).to(self.device)
 
     def vectors_at(self, step: int) -> torch.Tensor:
         """All probes' vectors of one step, (k, n)."""
-        return torch.from_numpy(np.array(self.data[step])).to(self.device)
+        out = np.empty(self.shape[1:])
+        self._pread(out, self._offset(step))
+        return torch.from_numpy(out).to(self.device)
 
     def close(self) -> None:
-        path = self.path
-        del self.data
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._buffer = None
         if not self.keep:
-            path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
             if self.temporary_dir is not None:
                 self.temporary_dir.rmdir()

@@ -77,7 +77,7 @@ def lanczos(
             drawn from ``seed``. They are normalised here.
         num_probes: k when ``start`` is not given.
         seed: Seed of the default start vectors.
-        basis: "memory" (a float64 (m, k, n) tensor) or "disk" (a numpy memmap in
+        basis: "memory" (a float64 (m, k, n) tensor) or "disk" (a float64 file in
             ``basis_dir``, so RAM holds only a few n-vectors per probe).
         basis_dir: Folder of the disk basis; a temporary one by default.
         keep_basis: Return the basis in the result (for Ritz vectors); otherwise it is freed.
@@ -170,6 +170,7 @@ def lanczos(
                 for _, chunk in store.read_chunks(step + 1, idx):
                     coeffs = torch.einsum("skn,kn->sk", chunk, w)
                     w -= torch.einsum("sk,skn->kn", coeffs, chunk)
+                del chunk  # do not hold a pass's last chunk while the next pass reads
             beta = w.norm(dim=1)
             ids = idx.cpu().numpy()
             state.alphas[ids, step] = alpha.cpu().numpy()
@@ -196,8 +197,7 @@ def lanczos(
             q = new_q
             active = idx[keep]
     except BaseException:
-        if checkpoint_dir is None:
-            store.close()
+        store.close()  # a checkpoint's basis is kept (keep=True): only the file is closed
         raise
     if checkpoint_dir is not None:
         state.step = m

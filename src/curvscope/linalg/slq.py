@@ -65,7 +65,7 @@ def spectral_density(
         num_probes: Independent Gaussian start vectors, advanced in lockstep: one ``matmat``
             of all probes per Lanczos step, i.e. one data pass per step.
         seed: Seed of the start vectors; the same seed gives the same nodes, bit for bit.
-        basis: Where the Lanczos vectors live: "memory" or "disk" (numpy memmap).
+        basis: Where the Lanczos vectors live: "memory" or "disk" (a file read back in chunks).
         basis_dir: Folder of the disk basis (default: a temporary folder).
         max_basis_bytes: With the memory basis, probes run in lockstep groups small enough
             that the group's float64 basis (m x group x n x 8 bytes) fits this budget; the
