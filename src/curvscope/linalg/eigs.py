@@ -75,7 +75,10 @@ def top_eigenpairs(
         which: "largest" (algebraic), "smallest" (algebraic) or "magnitude".
         tol: Relative residual every pair is driven to; with float64 products an eigenvalue
             is then accurate to about tol^2 relative when it is well separated.
-        max_products: Cap on operator products (ARPACK restarts); default 100 * n capped at
+        max_products: Approximate cap on operator products: ARPACK gets
+            max_products // (ncv - k) restarts, each of at most ncv - k products; default
+            100 * n capped at 20 000 products. Pairs not converged by then are returned with
+            ``converged`` False (or an error when none converged).
             20 000.
         seed: Seed of ARPACK's start vector.
 
@@ -99,8 +102,9 @@ def top_eigenpairs(
 
     linear = LinearOperator((n, n), matvec=apply, matmat=apply, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(n)
-    maxiter = max_products or min(100 * n, 20_000)
+    budget = max_products or min(100 * n, 20_000)
     ncv = min(n, max(2 * k + 1, 20))
+    maxiter = max(1, budget // max(1, ncv - k))
     try:
         values, vectors = eigsh(
             linear, k=k, which=_ARPACK_WHICH[which], tol=tol * 1e-2, v0=v0, ncv=ncv, maxiter=maxiter
@@ -109,7 +113,7 @@ def top_eigenpairs(
         values, vectors = error.eigenvalues, error.eigenvectors
         if values.size == 0:
             raise RuntimeError(
-                f"no eigenpair converged within {maxiter} restarts: raise max_products"
+                f"no eigenpair converged within about {budget} products: raise max_products"
             ) from error
     order = {"largest": np.argsort(-values), "smallest": np.argsort(values)}.get(
         which, np.argsort(-np.abs(values))

@@ -81,6 +81,10 @@ def spectral_density(
     """
     op = as_operator(op)
     n = op.shape[0]
+    if num_probes < 1 or num_iters < 1:
+        raise ValueError(
+            f"num_probes and num_iters must be at least 1, got {num_probes} and {num_iters}"
+        )
     m = min(int(num_iters), n)
     started = time.perf_counter()
     start_rows = gaussian_rows(num_probes, n, seed, op.device)
