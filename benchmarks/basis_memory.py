@@ -1,4 +1,4 @@
-"""Peak RSS of an SLQ density run with the Lanczos basis in RAM vs on disk (numpy memmap).
+"""Peak RSS of an SLQ density run with the Lanczos basis in RAM vs on disk.
 
 Only the basis storage is measured, so the operator is a cheap matrix-free diagonal one with a
 planted spectrum (float64, n entries: a bulk spread over [0, 1] plus three outliers 5, 10, 20);
