@@ -1,4 +1,5 @@
-"""The ``curvscope`` command: Hessian density, top eigenpairs and trace of a model's loss.
+"""The ``curvscope`` command: Hessian density, top eigenpairs and trace of a model's loss, and
+its curvature tracked during training (``track``) with the figures of a run (``plot``).
 
 Models, data and losses are given as import paths ``package.module:name`` (as uvicorn and
 Lightning take them); the built-in digits problem of :mod:`curvscope.zoo` is the default.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -439,6 +441,521 @@ def _values(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.6g}" for v in values)
 
 
+# --------------------------------------------------------------------------- track and plot
+
+DEFAULT_TRACK_MODEL = "curvscope.zoo:digits_mlp"
+DEFAULT_TRACK_DATA = "curvscope.zoo:digits_subset"
+#: Measurements ``track`` knows, in the order they run (stability reuses top's lambda_max,
+#: stochastic_edge needs the density).
+TRACK_MEASUREMENTS = ("top", "trace", "density", "stability", "ntk", "stochastic_edge")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+#: Learning rate of ``track`` when --lr is not given: the edge-of-stability regime of the
+#: default problem (full-batch GD reaches 2/eta = 1 from an initial sharpness of 0.57).
+DEFAULT_LR = {"sgd": 2.0, "momentum": 0.2, "nesterov": 0.2, "adam": 0.01}
+#: Threshold names of the log line, per --optimizer (curvscope.analysis.stability).
+THRESHOLD_NAMES = {
+    "sgd": "2/eta",
+    "momentum": "2(1+beta)/eta",
+    "nesterov": "2(1+beta)/((1+2beta)eta)",
+    "adam": "Adam threshold",
+}
+#: The training state ``track`` keeps beside the run store, replaced atomically after every
+#: snapshot and at the end, so ``--resume`` continues from the last one.
+TRAIN_STATE = "train_state.pt"
+TRAIN_STATE_FORMAT = "curvscope-track-state"
+
+
+def _measurements(text: str) -> list[str]:
+    from .tracking import MEASUREMENTS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CLIError("--measure is empty: name at least one of " + ",".join(TRACK_MEASUREMENTS))
+    unknown = [name for name in names if name not in MEASUREMENTS]
+    if unknown:
+        raise CLIError(
+            f"--measure: unknown measurement {', '.join(map(repr, unknown))}; choose from "
+            + ",".join(TRACK_MEASUREMENTS)
+        )
+    if "stochastic_edge" in names and "density" not in names:
+        raise CLIError(
+            "--measure stochastic_edge needs density (K is summed over the SLQ density): "
+            "add density, e.g. --measure top,density,stochastic_edge"
+        )
+    known = [name for name in TRACK_MEASUREMENTS if name in names]
+    return known + [name for name in dict.fromkeys(names) if name not in TRACK_MEASUREMENTS]
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.out is None:
+        if args.resume:
+            raise CLIError("--resume needs --out RUN_DIR: the run folder to continue")
+        return Path("results") / "track" / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder")
+    if (out / "run.json").exists() and not args.resume:
+        raise CLIError(
+            f"--out {str(out)!r} already holds a run: pass --resume to continue it, or choose a "
+            "new folder"
+        )
+    return out
+
+
+def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _num_samples(targets: Any, inputs: Any) -> int:
+    for part in (targets, inputs):
+        if isinstance(part, torch.Tensor) and part.ndim > 0:
+            return int(part.shape[0])
+    raise CLIError(
+        "cannot count the samples of a batch: its targets (or inputs) must be a tensor whose "
+        "first dimension is the batch"
+    )
+
+
+def _to(value: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(item, device) for item in value)
+    return value
+
+
+class TrainingSet:
+    """The training data of ``track``: the batches as given, and one tensor pair for SGD.
+
+    Full-batch steps walk the batches (each weighted by its size, so the step is the gradient
+    of the mean loss over every sample, as the Hessian is). Minibatch steps draw batch t of
+    epoch e = t // (N // B) from a permutation seeded by (seed, e), without replacement and
+    dropping the last N mod B samples: the batch of a step depends on nothing but the step,
+    so a resumed run draws the same batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        unpack: Callable[[Any], Any] | None,
+        batch_size: int | None,
+        seed: int,
+        device: torch.device | None,
+    ) -> None:
+        try:
+            batches = list(data)
+        except TypeError:
+            raise CLIError("--data gave no iterable of batches") from None
+        pairs = []
+        for batch in batches:
+            pair = unpack(batch) if unpack is not None else batch
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise CLIError(
+                    "--data: a batch is not an (inputs, targets) pair: pass --unpack-batch "
+                    "MODULE:FN returning (inputs, targets)"
+                )
+            pairs.append((_to(pair[0], device), _to(pair[1], device)))
+        if not pairs:
+            raise CLIError("--data yielded no batches: pass a non-empty list or DataLoader")
+        self.batches = pairs
+        self.sizes = [_num_samples(targets, inputs) for inputs, targets in pairs]
+        self.num_samples = sum(self.sizes)
+        self.seed = seed
+        self.batch_size = batch_size
+        if batch_size is not None:
+            if batch_size > self.num_samples:
+                raise CLIError(
+                    f"--batch-size {batch_size} exceeds the {self.num_samples} training samples"
+                )
+            if not all(isinstance(part, torch.Tensor) for pair in pairs for part in pair):
+                raise CLIError(
+                    "--batch-size needs batches of tensors (inputs, targets) to draw "
+                    "minibatches from; leave it out for full-batch steps"
+                )
+            self.inputs = torch.cat([inputs for inputs, _ in pairs])
+            self.targets = torch.cat([targets for _, targets in pairs])
+            self.per_epoch = self.num_samples // batch_size
+            self._epoch = -1
+            self._order = torch.empty(0, dtype=torch.long)
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size is None
+
+    def batch(self, step: int) -> tuple[Any, Any]:
+        """The minibatch of training step ``step``."""
+        assert self.batch_size is not None
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.num_samples, generator=generator)
+            self._epoch = epoch
+        index = self._order[position * self.batch_size : (position + 1) * self.batch_size]
+        index = index.to(self.inputs.device)
+        return self.inputs[index], self.targets[index]
+
+    def step(
+        self, step: int, model: nn.Module, loss_fn: Callable[..., Any], optimizer: Any
+    ) -> float:
+        """One optimizer step; returns the (mini)batch loss."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.full_batch:
+            total = 0.0
+            for (inputs, targets), size in zip(self.batches, self.sizes, strict=True):
+                loss = loss_fn(_forward(model, inputs), targets) * (size / self.num_samples)
+                loss.backward()
+                total += float(loss.detach())
+        else:
+            inputs, targets = self.batch(step)
+            loss = loss_fn(_forward(model, inputs), targets)
+            loss.backward()
+            total = float(loss.detach())
+        if not np.isfinite(total):
+            raise CLIError(
+                f"the training loss is {total} at step {step}: the run diverged; lower --lr "
+                "(the run folder keeps every snapshot taken before)"
+            )
+        optimizer.step()
+        return total
+
+    def evaluate(self, model: nn.Module, loss_fn: Callable[..., Any]) -> dict[str, float]:
+        """Mean loss over every sample (and accuracy for class targets); buffers restored."""
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        loss, correct, classify = 0.0, 0, True
+        with torch.no_grad():
+            for (inputs, targets), size in zip(self.batches, self.sizes, strict=True):
+                outputs = _forward(model, inputs)
+                loss += float(loss_fn(outputs, targets)) * size
+                classify = classify and (
+                    isinstance(targets, torch.Tensor)
+                    and not targets.is_floating_point()
+                    and targets.ndim == 1
+                    and outputs.ndim == 2
+                )
+                if classify:
+                    correct += int((outputs.argmax(dim=1) == targets).sum())
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        scalars = {"loss": loss / self.num_samples}
+        if classify:
+            scalars["accuracy"] = correct / self.num_samples
+        return scalars
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """The torch optimizer of --optimizer with --lr and --momentum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr)
+    if args.optimizer in ("momentum", "nesterov"):
+        return torch.optim.SGD(
+            params, lr=args.lr, momentum=args.momentum, nesterov=args.optimizer == "nesterov"
+        )
+    return torch.optim.Adam(params, lr=args.lr, betas=(args.momentum, 0.999))
+
+
+def _save_train_state(
+    path: Path, step: int, model: nn.Module, optimizer: Any, train: dict[str, Any]
+) -> None:
+    """Replace ``path`` atomically with the state before training step ``step``."""
+    import io
+
+    from .results import _atomic_write
+
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format": TRAIN_STATE_FORMAT,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "train": train,
+        },
+        buffer,
+    )
+    _atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def _load_train_state(path: Path, model: nn.Module, optimizer: Any, train: dict[str, Any]) -> int:
+    """Load the state saved by :func:`_save_train_state`; returns its step."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CLIError(f"cannot read {path}: {_one_line(error)}") from error
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CLIError(f"{path} is not a training state written by curvscope track")
+    if state.get("train") != train:
+        raise CLIError(
+            f"cannot resume from {path}: it was written with other training settings "
+            f"({state.get('train')}); resume with the same settings"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def track_line(step: int, scalars: dict[str, Any], threshold_name: str) -> str:
+    """One log line of a snapshot: loss, sharpness against its threshold, traces, K, time."""
+    parts = [f"step {step}"]
+    if "loss" in scalars:
+        parts.append(f"loss {_fmt(scalars['loss'])}")
+    if "accuracy" in scalars:
+        parts.append(f"acc {scalars['accuracy']:.3f}")
+    if "sharpness" in scalars:
+        parts.append(
+            f"sharpness {_fmt(scalars['sharpness'])} / {threshold_name} "
+            f"{_fmt(scalars['stability_threshold'])} = {scalars['edge_ratio']:.3f}"
+        )
+    elif "lambda_max" in scalars:
+        parts.append(f"lambda_max {_fmt(scalars['lambda_max'])}")
+    if "trace" in scalars:
+        parts.append(f"tr(H) {_fmt(scalars['trace'])} ± {_two_digits(scalars['trace_std_error'])}")
+    if "ntk_trace" in scalars:
+        parts.append(f"tr(NTK) {_fmt(scalars['ntk_trace'])}")
+    if "stochastic_K" in scalars:
+        parts.append(f"K {_fmt(scalars['stochastic_K'])}")
+    parts.append(f"({scalars.get('time_total_s', 0.0):.2f} s)")
+    return "  ".join(parts)
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """Destinations of the options written on the command line (abbreviations are off)."""
+    given = set()
+    for dest, strings in args.option_strings.items():
+        for token in args.argv:
+            if any(token == o or token.startswith(o + "=") for o in strings if o.startswith("-")):
+                given.add(dest)
+    return given
+
+
+def _resume_defaults(args: argparse.Namespace, out: Path) -> None:
+    """With --resume, take every setting not given on the command line from the run folder."""
+    import json
+
+    try:
+        config = json.loads((out / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot read {out / 'run.json'}: {_one_line(error)}") from error
+    extra = config.get("extra", {})
+    train = extra.get("train")
+    if not isinstance(train, dict):
+        raise CLIError(
+            f"{out} was not written by curvscope track (no training settings in run.json): "
+            "resume it from the loop that wrote it"
+        )
+    stored = {
+        "model": train.get("model"),
+        "data": train.get("data"),
+        "loss": train.get("loss"),
+        "optimizer": train.get("optimizer"),
+        "lr": train.get("lr"),
+        "momentum": train.get("momentum") if train.get("optimizer") != "sgd" else None,
+        "batch_size": train.get("batch_size"),
+        "seed": train.get("seed"),
+        "schedule": config.get("schedule"),
+        "measure": ",".join(config.get("measurements", [])),
+        "top_k": config.get("top_k"),
+        "trace_probes": config.get("trace_probes"),
+        "density_iters": config.get("density_iters"),
+        "density_probes": config.get("density_probes"),
+        "dtype": config.get("dtype"),
+        "params": config.get("params"),
+        "ntk_method": extra.get("ntk_method"),
+        "ntk_probes": extra.get("ntk_probes"),
+    }
+    given = _given(args)
+    for dest, value in stored.items():
+        if dest not in given:
+            setattr(args, dest, value)
+
+
+def run_track(args: argparse.Namespace) -> int:
+    from .tracking import Schedule, Tracker
+
+    started = time.perf_counter()
+    if args.resume and args.out is not None and (Path(args.out) / "run.json").is_file():
+        _resume_defaults(args, Path(args.out))
+    measurements = _measurements(args.measure)
+    schedule = Schedule.parse(args.schedule)
+    if args.momentum is not None and args.optimizer == "sgd":
+        raise CLIError("--momentum is for --optimizer momentum, nesterov or adam (beta1), not sgd")
+    args.momentum = 0.9 if args.momentum is None else args.momentum
+    if not 0 <= args.momentum < 1:
+        raise CLIError(f"--momentum must lie in [0, 1), got {args.momentum}")
+    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    if args.optimizer == "adam" and "stability" in measurements and schedule.due(0):
+        raise CLIError(
+            "--measure stability with adam needs Adam's second moments, which exist from step 1 "
+            "on: start the schedule at step 1 (e.g. --schedule every:25:1 or log:1:1000:10)"
+        )
+    out = _run_dir(args)
+    device = _check_device(args.device)
+    loss_fn = load_loss(args.loss)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = load_model(args.model)
+        data = load_data(args.data)
+    unpack = load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
+    _check_params(model, args.params)
+    if device is not None:
+        model.to(device)
+    training = TrainingSet(data, unpack, args.batch_size, args.seed, device)
+    batch_size = args.batch_size or training.num_samples
+    optimizer = build_optimizer(args, model)
+    train = {
+        "model": args.model,
+        "data": args.data,
+        "loss": args.loss,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "momentum": args.momentum if args.optimizer != "sgd" else 0.0,
+        "batch_size": args.batch_size,
+        "num_samples": training.num_samples,
+        "seed": args.seed,
+    }
+    options = {"unpack_batch": unpack} if unpack is not None else {}
+    if device is not None:
+        options["device"] = device
+    tracker = Tracker(
+        out,
+        loss_fn,
+        training.batches,
+        schedule=schedule,
+        measurements=measurements,
+        top_k=args.top_k,
+        density_iters=args.density_iters,
+        density_probes=args.density_probes,
+        trace_probes=args.trace_probes,
+        seed=args.seed,
+        params=args.params,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        progress=False,
+        resume=args.resume,
+        extra={
+            "batch_size": batch_size,
+            "ntk_method": args.ntk_method,
+            "ntk_probes": args.ntk_probes,
+            "train": train,
+        },
+        operator_options=options,
+    )
+    state_path = out / TRAIN_STATE
+    threshold_name = THRESHOLD_NAMES[args.optimizer]
+    with tracker, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        start = 0
+        if args.resume and state_path.exists():
+            start = _load_train_state(state_path, model, optimizer, train)
+        elif tracker.completed_steps:
+            raise CLIError(
+                f"{out} has snapshots but no {TRAIN_STATE}: only runs written by curvscope "
+                "track can be resumed with it"
+            )
+        kind = "full batch" if training.full_batch else f"batches of {args.batch_size}"
+        print(
+            f"curvscope track: {args.optimizer} (lr {args.lr:g}"
+            + (f", momentum {args.momentum:g}" if args.optimizer != "sgd" else "")
+            + f") on {training.num_samples:,} samples in {kind}, steps {start} to {args.steps}, "
+            f"snapshots {schedule.spec}: {', '.join(measurements)}",
+            flush=True,
+        )
+        snapshots = 0
+        bar = tqdm(
+            total=args.steps,
+            initial=min(start, args.steps),
+            desc="training",
+            unit="step",
+            disable=not _show_progress(args),
+            leave=False,
+        )
+        with bar:
+            step = start
+            while True:
+                if tracker.due(step):
+                    model_scalars = training.evaluate(model, loss_fn)
+                    snapshot = tracker.step(step, model, optimizer, **model_scalars)
+                    if snapshot is not None:
+                        snapshots += 1
+                        bar.write(track_line(step, snapshot.scalars, threshold_name))
+                        _save_train_state(state_path, step, model, optimizer, train)
+                if step >= args.steps:
+                    break
+                training.step(step, model, loss_fn, optimizer)
+                step += 1
+                bar.update(1)
+        if start <= args.steps:
+            _save_train_state(state_path, max(start, args.steps), model, optimizer, train)
+    print(f"  snapshots {snapshots} taken now, {len(tracker.completed_steps)} in the run")
+    print(f"  time      {time.perf_counter() - started:.1f} s")
+    print(f"  plot      curvscope plot {shlex.quote(str(out))}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_density_evolution, plot_sharpness, plot_traces
+    from .tracking import load_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise CLIError(
+            f"{str(run_dir)!r} is not a run folder (no run.json): pass the folder that "
+            "curvscope track or a Tracker wrote"
+        )
+    out = Path(args.out) if args.out else run_dir / "plots"
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder")
+    run = load_run(run_dir, warn=False)
+    for problem in run.problems:
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    if len(run) == 0:
+        raise CLIError(f"{run_dir} holds no snapshots yet: nothing to plot")
+    figures = [
+        (
+            "sharpness.png",
+            plot_sharpness,
+            "lambda_max" in run.scalars or "sharpness" in run.scalars,
+        ),
+        ("density_evolution.png", plot_density_evolution, len(run.densities) > 0),
+        (
+            "traces.png",
+            plot_traces,
+            any(name in run.scalars for name in ("trace", "ntk_trace", "stochastic_K")),
+        ),
+    ]
+    written = []
+    for name, plot, available in figures:
+        if available:
+            out.mkdir(parents=True, exist_ok=True)
+            plot(run, out / name)
+            written.append(out / name)
+    if not written:
+        raise CLIError(
+            f"{run_dir} has no lambda_max, sharpness, density, trace or NTK trace to plot: "
+            "track it with --measure top,density,trace (or stability, ntk)"
+        )
+    print(
+        f"curvscope plot: {len(run)} snapshots of {run_dir} "
+        f"(steps {run.steps[0]} to {run.steps[-1]})"
+    )
+    print(f"  wrote    {_paths(*written)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -488,6 +1005,8 @@ examples:
   curvscope density                          # built-in digits MLP: density.png in results/density
   curvscope top -k 5                         # its 5 largest Hessian eigenvalues
   curvscope trace --probes 60                # tr(H) by Hutch++
+  curvscope track --out runs/gd              # train while tracking: edge of stability
+  curvscope plot runs/gd                     # sharpness, density evolution, traces
   curvscope density --model mymodels:build --data mymodels:batches --loss mse
 
 Models, data and losses are import paths package.module:name; a callable is called with no
@@ -502,28 +1021,33 @@ import paths:
 """
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options(
+    model: str = DEFAULT_MODEL,
+    data: str = DEFAULT_DATA,
+    loss: str = "cross_entropy",
+    out_help: str = "results folder (default: results/COMMAND)",
+) -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     group = common.add_argument_group("problem (default: the built-in digits MLP)")
     group.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
+        default=model,
         metavar="MODULE:FACTORY",
-        help=f"import path of an nn.Module or a factory returning one (default: {DEFAULT_MODEL})",
+        help=f"import path of an nn.Module or a factory returning one (default: {model})",
     )
     group.add_argument(
         "--data",
-        default=DEFAULT_DATA,
+        default=data,
         metavar="MODULE:FACTORY",
         help="import path of a re-iterable of (inputs, targets) batches (list, DataLoader) or "
-        f"a factory returning one (default: {DEFAULT_DATA})",
+        f"a factory returning one (default: {data})",
     )
     group.add_argument(
         "--loss",
-        default="cross_entropy",
+        default=loss,
         metavar="LOSS",
         help="cross_entropy, mse (integer targets one-hot encoded), or an import path "
-        "MODULE:FN of fn(outputs, targets) -> mean loss (default: cross_entropy)",
+        f"MODULE:FN of fn(outputs, targets) -> mean loss (default: {loss})",
     )
     group.add_argument(
         "--unpack-batch",
@@ -553,7 +1077,7 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)"
     )
-    group.add_argument("--out", metavar="DIR", help="results folder (default: results/COMMAND)")
+    group.add_argument("--out", metavar="DIR", help=out_help)
     group.add_argument(
         "--no-progress", action="store_true", help="no progress bar (shown on a terminal only)"
     )
@@ -562,7 +1086,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``curvscope`` argument parser with its ``density``, ``top`` and ``trace`` commands."""
+    """The ``curvscope`` argument parser: ``density``, ``top``, ``trace``, ``track``, ``plot``."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
@@ -679,6 +1203,151 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimator (default: hutch++)",
     )
     trace_parser.set_defaults(run=run_trace)
+
+    track = commands.add_parser(
+        "track",
+        parents=[
+            _common_options(
+                model=DEFAULT_TRACK_MODEL,
+                data=DEFAULT_TRACK_DATA,
+                loss="mse",
+                out_help="run folder (default: results/track/YYYYmmdd-HHMMSS; needed with "
+                "--resume)",
+            )
+        ],
+        formatter_class=formatter,
+        help="train a model while tracking its curvature",
+        allow_abbrev=False,
+        description=_wrap(
+            "Train a model with SGD (full batch by default), heavy-ball or Nesterov momentum, or "
+            "Adam, and take curvature snapshots on a schedule with curvscope.tracking.Tracker: "
+            "top eigenvalues, the sharpness against the optimizer's stability threshold "
+            "(2/eta for GD, 2(1+beta)/eta for heavy ball, ...), trace, SLQ density, NTK trace and "
+            "the stochastic-edge K. The default problem is the edge-of-stability setting of "
+            "Cohen et al. 2021 scaled down: a 64-32-32-10 tanh MLP, MSE on one-hot targets, "
+            "1,000 digits, full-batch GD. Prints one line per snapshot and the run folder at "
+            "the end; read it with curvscope.tracking.load_run or draw it with 'curvscope plot'."
+        ),
+        epilog="examples:\n"
+        "  curvscope track --steps 1000 --lr 2 --out runs/gd\n"
+        "  curvscope track --batch-size 16 --measure top,stability,density,stochastic_edge\n"
+        "  curvscope track --optimizer momentum --lr 0.3 --momentum 0.9 --schedule log:1:2000:20\n"
+        "  curvscope track --out runs/gd --steps 2000 --resume   # continue a run to step 2000\n"
+        + COMMON_EPILOG,
+    )
+    group = track.add_argument_group("training")
+    group.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="sgd (plain; GD with full batches), momentum (heavy ball), nesterov or adam "
+        "(default: sgd)",
+    )
+    group.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="learning rate (default: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+        + ": for sgd the edge-of-stability regime of the default problem)",
+    )
+    group.add_argument(
+        "--momentum",
+        type=float,
+        help="momentum beta of momentum/nesterov, beta1 of adam (default: 0.9)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="samples per SGD step, drawn without replacement per epoch (default: all, full batch)",
+    )
+    group.add_argument(
+        "--steps", type=_nonnegative_int, default=1000, help="training steps (default: 1000)"
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last saved training state up to --steps; "
+        "settings not given are taken from the run, given ones must match it",
+    )
+    group = track.add_argument_group("tracking")
+    group.add_argument(
+        "--schedule",
+        default="every:25",
+        help="snapshot steps: every:K[:START], log:FIRST:LAST:PER_DECADE or steps:S1,S2,... "
+        "(default: every:25)",
+    )
+    group.add_argument(
+        "--measure",
+        default="top,stability,trace",
+        metavar="LIST",
+        help="comma-separated measurements: " + ",".join(TRACK_MEASUREMENTS) + " (default: "
+        "top,stability,trace)",
+    )
+    group.add_argument(
+        "--top-k", type=_positive_int, default=1, help="eigenvalues of top (default: 1)"
+    )
+    group.add_argument(
+        "--trace-probes",
+        type=_positive_int,
+        default=60,
+        help="Hutch++ products of trace (default: 60)",
+    )
+    group.add_argument(
+        "--density-iters",
+        type=_positive_int,
+        default=80,
+        help="Lanczos steps per probe of density (default: 80)",
+    )
+    group.add_argument(
+        "--density-probes",
+        type=_positive_int,
+        default=5,
+        help="probes of density (default: 5)",
+    )
+    group.add_argument(
+        "--ntk-method",
+        choices=["hutchinson", "exact"],
+        default="hutchinson",
+        help="NTK trace estimator of ntk (default: hutchinson)",
+    )
+    group.add_argument(
+        "--ntk-probes",
+        type=_positive_int,
+        default=10,
+        help="Rademacher probes per batch of a hutchinson ntk (default: 10)",
+    )
+    track.set_defaults(
+        run=run_track,
+        option_strings={action.dest: action.option_strings for action in track._actions},
+    )
+
+    plot_parser = commands.add_parser(
+        "plot",
+        formatter_class=formatter,
+        help="figures of a tracked run",
+        description=_wrap(
+            "Draw the figures of a run folder (curvscope track, or a Tracker in your own loop): "
+            "sharpness.png (sharpness against the stability threshold, and the loss), "
+            "density_evolution.png (the SLQ densities over the steps as a heat map on a log "
+            "color scale) and traces.png (tr(H), tr(NTK), stochastic-edge K), whichever the "
+            "run has."
+        ),
+        epilog="examples:\n  curvscope plot runs/gd\n  curvscope plot runs/gd --out figures\n",
+    )
+    plot_parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    plot_parser.add_argument(
+        "--out", metavar="DIR", help="folder of the PNGs (default: RUN_DIR/plots)"
+    )
+    plot_parser.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)"
+    )
+    plot_parser.add_argument(
+        "--no-progress", action="store_true", help="accepted for symmetry; plot draws no bar"
+    )
+    plot_parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error"
+    )
+    plot_parser.set_defaults(run=run_plot)
     return parser
 
 

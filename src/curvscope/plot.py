@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -108,4 +109,367 @@ def plot_density(
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=dpi)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs (curvscope.tracking.load_run): sharpness, density evolution, traces
+
+
+def _series(run: Any, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, values) of a run's scalar where it is finite, or None when it never is."""
+    values = run.scalars.get(name)
+    if values is None:
+        return None
+    mask = np.isfinite(values)
+    if not mask.any():
+        return None
+    return np.asarray(run.steps)[mask], values[mask]
+
+
+def _threshold_label(run: Any, threshold: np.ndarray, lr: np.ndarray | None) -> str:
+    """ "2/η" for plain GD, "c/η" for another constant c = threshold * lr, else "threshold"."""
+    if lr is not None and lr.size == threshold.size and lr.size:
+        ratio = threshold * lr
+        if np.allclose(ratio, ratio[0], rtol=1e-9):
+            c = float(ratio[0])
+            return "2/η" if abs(c - 2.0) < 1e-9 else f"{c:.4g}/η"
+    return "stability threshold"
+
+
+def _save(figure: Figure, path: str | os.PathLike[str] | None, dpi: int) -> None:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=dpi)
+
+
+def _axes(ax: Any, count: int, figsize: tuple[float, float]) -> tuple[Figure, list[Axes], bool]:
+    """(figure, axes, created) for ``count`` stacked panels, or the caller's axes."""
+    if ax is None:
+        figure = Figure(figsize=figsize, layout="constrained")
+        axes = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+        return figure, list(axes), True
+    axes = [ax] if isinstance(ax, Axes) else list(ax)
+    if len(axes) != count:
+        raise ValueError(f"ax must be {count} axes for this run, got {len(axes)}")
+    return axes[0].get_figure(), axes, False
+
+
+def plot_sharpness(
+    run: Any,
+    path: str | os.PathLike[str] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    *,
+    label: str | None = None,
+    color: str | None = None,
+    show_loss: bool = True,
+    show_others: bool = True,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Sharpness against the optimizer's stability threshold over the training steps.
+
+    The sharpness is the "sharpness" scalar of the "stability" measurement (lambda_max(H) for
+    SGD and momentum, the preconditioned lambda_max for Adam), else "lambda_max" of "top".
+    The threshold is "stability_threshold" (2/eta for GD, 2(1+beta)/eta for heavy ball, ...),
+    else 2/lr from the stored learning rate; it is drawn dashed in the same color. The
+    edge of stability (Cohen et al. 2021) shows as the sharpness rising and then hovering at
+    the dashed line.
+
+    Args:
+        run: A :class:`~curvscope.tracking.Run` (``curvscope.tracking.load_run(path)``).
+        path: Save the figure there (the suffix picks the format).
+        ax: One axes (sharpness only) or two (sharpness, loss) to draw into; several runs can
+            share them. Default: a new figure with a loss panel when the run has "loss".
+        label: Legend label of the sharpness line (default "λ_max" or "sharpness").
+        color: Line color (default C0).
+        show_loss: Add the loss panel (log scale) to a new figure when the run has "loss".
+        show_others: Also draw lambda_2, ..., lambda_k of "top", thin and light.
+        title: Figure title (new figures only).
+        dpi: Resolution of the saved raster image.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: If the run has neither "sharpness" nor "lambda_max".
+    """
+    name = "sharpness" if _series(run, "sharpness") is not None else "lambda_max"
+    sharp = _series(run, name)
+    if sharp is None:
+        raise ValueError(
+            f"{run.path} has no 'sharpness' or 'lambda_max' series: track it with "
+            "measurements=('top', 'stability')"
+        )
+    loss = _series(run, "loss") if show_loss else None
+    if ax is None:
+        count = 2 if loss is not None else 1
+    else:
+        count = 1 if isinstance(ax, Axes) else len(list(ax))
+        if count not in (1, 2):
+            raise ValueError(f"ax must be one axes (sharpness) or two (and loss), got {count}")
+    figure, axes, created = _axes(ax, count, (8, 6 if count == 2 else 4))
+    color = color or "C0"
+    top = axes[0]
+    default = "λ_max(H)" if name == "lambda_max" else "sharpness"
+    top.plot(*sharp, color=color, linewidth=1.2, label=label or default)
+    if show_others:
+        k = 2
+        while (other := _series(run, f"lambda_{k}")) is not None:
+            top.plot(*other, color=color, linewidth=0.6, alpha=0.35)
+            k += 1
+    threshold = _series(run, "stability_threshold")
+    lr = _series(run, "lr")
+    if threshold is None and lr is not None:
+        threshold = (lr[0], 2.0 / lr[1])
+    if threshold is not None:
+        steps, values = threshold
+        lr_at = None
+        if lr is not None and np.array_equal(lr[0], steps):
+            lr_at = lr[1]
+        text = _threshold_label(run, values, lr_at)
+        suffix = f" ({label})" if label else ""
+        top.plot(steps, values, color=color, linestyle="--", linewidth=1.0, label=text + suffix)
+    top.set_ylabel("sharpness")
+    top.grid(True, alpha=0.3, linestyle="--")
+    top.legend(loc="best", fontsize="small")
+    if count == 2:
+        bottom = axes[1]
+        if loss is None:
+            loss = _series(run, "loss")
+        if loss is not None:
+            bottom.semilogy(*loss, color=color, linewidth=1.0, label=label)
+        bottom.set_ylabel("training loss")
+        bottom.grid(True, alpha=0.3, linestyle="--")
+    axes[-1].set_xlabel("step")
+    if created:
+        figure.suptitle(title or "Sharpness and its stability threshold")
+    _save(figure, path, dpi)
+    return figure
+
+
+def density_matrix(
+    densities: Any,
+    sigma: float | None = None,
+    num_points: int = 600,
+    high: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Smoothed densities of several SLQ results on one common grid.
+
+    Args:
+        densities: Sequence of :class:`~curvscope.linalg.SpectralDensity`.
+        sigma: Kernel width; default Ghorbani et al.'s sqrt(1e-5 * max(1, range)) over the
+            common range of all of them.
+        num_points: Grid points.
+        high: Extend the grid up to at least this eigenvalue (e.g. a threshold to draw).
+
+    Returns:
+        (grid (g,), values (S, g), sigma): the grid spans the smallest to the largest Ritz
+        value of all densities (or ``high``) plus 5 sigma on each side.
+    """
+    densities = list(densities)
+    if not densities:
+        raise ValueError("no densities to draw")
+    low = min(d.lambda_min for d in densities)
+    high = max([d.lambda_max for d in densities] + ([] if high is None else [high]))
+    if sigma is None:
+        sigma = float(np.sqrt(1e-5 * max(1.0, high - low)))
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, num_points)
+    values = np.stack([d.density(grid, sigma)[1] for d in densities])
+    return grid, values, sigma
+
+
+def plot_density_evolution(
+    run: Any,
+    path: str | os.PathLike[str] | None = None,
+    ax: Axes | None = None,
+    *,
+    sigma: float | None = None,
+    floor: float = DENSITY_FLOOR,
+    num_points: int = 600,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """The Hessian eigenvalue density over training as a heat map on a log color scale.
+
+    Every snapshot's :class:`~curvscope.linalg.SpectralDensity` (the "density" measurement)
+    is smoothed with one common Gaussian width on one common eigenvalue grid; column s of the
+    map is the density at snapshot s (x: training step, y: eigenvalue, color: density, log
+    scale clipped below at ``floor``). The top eigenvalue ("lambda_max") and the stability
+    threshold are drawn over it when the run has them.
+
+    Args:
+        run: A :class:`~curvscope.tracking.Run`.
+        path: Save the figure there.
+        ax: Axes to draw into (default: a new figure with a color bar).
+        sigma: Kernel width in eigenvalue units (default: see :func:`density_matrix`).
+        floor: Smallest density shown; lower values take the floor's color.
+        num_points: Points of the eigenvalue grid.
+        title: Figure title.
+        dpi: Resolution of the saved raster image.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: If no snapshot of the run holds a density.
+    """
+    from matplotlib.colors import LogNorm
+
+    if floor <= 0:
+        raise ValueError(f"floor must be positive for a log scale, got {floor}")
+    series = run.densities
+    steps = np.array(list(series), dtype=np.int64)
+    if steps.size == 0:
+        raise ValueError(f"{run.path} has no densities: track it with the 'density' measurement")
+    densities = [series[s] for s in steps]
+    low = min(d.lambda_min for d in densities)
+    high = max(d.lambda_max for d in densities)
+    threshold = _series(run, "stability_threshold")
+    if threshold is None and (lr := _series(run, "lr")) is not None:
+        threshold = (lr[0], 2.0 / lr[1])
+    # The threshold is drawn when it lies within half the spectrum's range above it: far above
+    # (small learning rates) it would squash the map into a thin band.
+    if threshold is not None and threshold[1].max() > high + 0.5 * (high - low):
+        threshold = None
+    above = None if threshold is None else 1.02 * float(threshold[1].max())
+    grid, values, sigma = density_matrix(densities, sigma, num_points, high=above)
+    values = np.maximum(values, floor)
+    if ax is None:
+        figure = Figure(figsize=(9, 5), layout="constrained")
+        ax = figure.add_subplot()
+        created = True
+    else:
+        figure, created = ax.get_figure(), False
+    edges = _edges(steps)
+    spacing = grid[1] - grid[0] if grid.size > 1 else 1.0
+    rows = np.concatenate([grid - spacing / 2, [grid[-1] + spacing / 2]])
+    mesh = ax.pcolormesh(
+        edges,
+        rows,
+        values.T,
+        norm=LogNorm(vmin=floor, vmax=float(values.max())),
+        cmap="viridis",
+        shading="flat",
+    )
+    figure.colorbar(mesh, ax=ax, label=f"density (log scale, floor {floor:g})")
+    top = _series(run, "lambda_max")
+    if top is not None:
+        ax.plot(*top, color="white", linewidth=0.9, label="λ_max (top)")
+    if threshold is not None:
+        ax.plot(*threshold, color="C3", linestyle="--", linewidth=1.0, label="threshold")
+    if top is not None or threshold is not None:
+        ax.legend(loc="upper left", fontsize="small")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(rows[0], rows[-1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue")
+    if created:
+        figure.suptitle(
+            title
+            or f"Hessian eigenvalue density over training (SLQ, {steps.size} snapshots, "
+            f"σ = {sigma:.3g})"
+        )
+    _save(figure, path, dpi)
+    return figure
+
+
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted steps: midpoints, and half a gap beyond each end."""
+    steps = np.asarray(steps, dtype=float)
+    if steps.size == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    middle = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate(
+        [[steps[0] - (middle[0] - steps[0])], middle, [steps[-1] + (steps[-1] - middle[-1])]]
+    )
+
+
+#: Panels of :func:`plot_traces`: (value, standard error, label).
+TRACE_PANELS = (
+    ("trace", "trace_std_error", "tr(H)"),
+    ("ntk_trace", "ntk_trace_std_error", "tr(NTK)"),
+    ("stochastic_K", None, "stochastic-edge K"),
+)
+
+
+def plot_traces(
+    run: Any,
+    path: str | os.PathLike[str] | None = None,
+    ax: Sequence[Axes] | None = None,
+    *,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """tr(H), tr(NTK) and the stochastic-edge K over training, whichever the run has.
+
+    One panel per quantity present: the Hessian trace ("trace", with a band of +- 2 standard
+    errors), the NTK trace ("ntk_trace", same), and K of Agarwala & Pennington 2024
+    ("stochastic_K", with its small-eta form "stochastic_K_trace" dashed and K = 1 dotted).
+
+    Args:
+        run: A :class:`~curvscope.tracking.Run`.
+        path: Save the figure there.
+        ax: Axes to draw into, one per panel present (default: a new figure).
+        title: Figure title.
+        dpi: Resolution of the saved raster image.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: If the run has none of the three.
+    """
+    panels = [
+        panel
+        for panel in TRACE_PANELS
+        if panel[0] in run.scalars and not np.isnan(run.scalars[panel[0]]).all()
+    ]
+    if not panels:
+        raise ValueError(
+            f"{run.path} has no 'trace', 'ntk_trace' or 'stochastic_K' series: track it with "
+            "the 'trace', 'ntk' or 'stochastic_edge' measurement"
+        )
+    figure, axes, created = _axes(ax, len(panels), (8, 2.6 * len(panels) + 0.6))
+    for panel, (name, error_name, label) in zip(axes, panels, strict=True):
+        steps, values = _series(run, name) or (np.zeros(0, np.int64), np.zeros(0))
+        panel.plot(steps, values, color="C0", linewidth=1.2, label=label)
+        errors = run.scalars.get(error_name) if error_name else None
+        if errors is not None:
+            errors = errors[np.isin(run.steps, steps)]
+            if np.isfinite(errors).all() and np.any(errors > 0):
+                panel.fill_between(
+                    steps,
+                    values - 2 * errors,
+                    values + 2 * errors,
+                    color="C0",
+                    alpha=0.2,
+                    linewidth=0,
+                    label="± 2 standard errors",
+                )
+        if name == "stochastic_K":
+            unstable = np.asarray(run.steps)[np.isposinf(run.scalars[name])]
+            if unstable.size:
+                panel.plot(
+                    unstable,
+                    np.full(unstable.size, float(values.max()) if values.size else 1.0),
+                    linestyle="none",
+                    marker="x",
+                    color="C3",
+                    label="K = ∞ (some η λ (1 + 1/B) ≥ 2)",
+                )
+            approx = _series(run, "stochastic_K_trace")
+            if approx is not None:
+                panel.plot(*approx, color="C1", linestyle="--", linewidth=1.0, label="η tr(H) / 2B")
+            panel.axhline(1.0, color="C3", linestyle=":", linewidth=1.0, label="K = 1")
+        panel.set_ylabel(label)
+        panel.grid(True, alpha=0.3, linestyle="--")
+        panel.legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("step")
+    if created:
+        figure.suptitle(title or "Traces over training")
+    _save(figure, path, dpi)
     return figure

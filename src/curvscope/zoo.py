@@ -219,3 +219,76 @@ def accuracy(model: nn.Module, data: Batches) -> float:
             correct += int((model(inputs).argmax(dim=1) == targets).sum())
             total += int(targets.numel())
     return correct / total
+
+
+# --------------------------------------------------------------------------------------------
+# Training-dynamics problems (``curvscope track`` and experiments/): the Cohen et al. 2021
+# setting scaled down
+
+
+def digits_subset(num_samples: int = 1000, batch_size: int | None = None, seed: int = 0) -> Batches:
+    """The first ``num_samples`` digits of the seeded order, by default as one full batch.
+
+    The default training set of ``curvscope track``: with a tanh :func:`digits_mlp` and the
+    mean-squared error on one-hot targets (``--loss mse``) it is the edge-of-stability setting
+    of Cohen et al. 2021 (tanh MLP, MSE, a 5,000-image CIFAR-10 subset) at CPU scale.
+
+    Args:
+        num_samples: Samples kept (1 to 1797).
+        batch_size: Samples per batch of the returned list (default: all in one batch). The
+            batches only split the data for the curvature products; the batch size of SGD is
+            ``curvscope track --batch-size``.
+        seed: Seed of the sample order (see :func:`digits_arrays`).
+
+    Returns:
+        List of (inputs float32 (b, 64), targets int64 (b,)) pairs.
+    """
+    return digits_data(batch_size=batch_size or num_samples, num_samples=num_samples, seed=seed)
+
+
+def digits_sign_data(
+    num_samples: int = 1000, batch_size: int | None = None, seed: int = 0
+) -> Batches:
+    """A scalar regression target on the digits: +1 for the digits 0-4, -1 for 5-9.
+
+    With one output per sample the Gauss-Newton part of each sample's Hessian has rank one,
+    the setting of the stochastic edge of stability (Agarwala & Pennington 2024), whose
+    K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) assumes rank-one samples.
+
+    Returns:
+        List of (inputs float32 (b, 64), targets float32 (b, 1)) pairs; one batch by default.
+    """
+    x, y = digits_arrays(seed)
+    if not 1 <= num_samples <= len(y):
+        raise ValueError(f"num_samples must be in [1, {len(y)}], got {num_samples}")
+    batch_size = batch_size or num_samples
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    inputs = torch.from_numpy(x[:num_samples])
+    targets = torch.from_numpy(np.where(y[:num_samples] < 5, 1.0, -1.0).astype(np.float32))
+    targets = targets[:, None]
+    return [
+        (inputs[i : i + batch_size], targets[i : i + batch_size])
+        for i in range(0, num_samples, batch_size)
+    ]
+
+
+def digits_regressor(
+    hidden: Sequence[int] = (32, 32), activation: str = "tanh", seed: int = 0
+) -> nn.Sequential:
+    """An untrained MLP 64 -> hidden... -> 1 for :func:`digits_sign_data` (default init).
+
+    The default (32, 32) has 3,169 parameters.
+    """
+    widths = [NUM_FEATURES, *[int(h) for h in hidden]]
+    if any(w < 1 for w in widths):
+        raise ValueError(f"hidden widths must be positive, got {tuple(hidden)}")
+
+    def build() -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            layers += [nn.Linear(fan_in, fan_out), _activation(activation)]
+        layers.append(nn.Linear(widths[-1], 1))
+        return nn.Sequential(*layers)
+
+    return _seeded_build(seed, build)

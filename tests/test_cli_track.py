@@ -1,0 +1,228 @@
+"""``curvscope track`` and ``curvscope plot``, run in-process through ``curvscope.cli.main``.
+
+The problem is tiny (a 64-8-10 tanh MLP, 610 parameters, on 120 digits) and the measurements
+use a few Lanczos steps and probes, so the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from curvscope.cli import TRAIN_STATE, TrainingSet, main
+from curvscope.tracking import load_run
+
+QUIET = ["--no-progress", "--threads", "1"]
+
+USER_MODULE = textwrap.dedent(
+    """
+    from curvscope import zoo
+
+    def model():
+        return zoo.digits_mlp(hidden=(8,), seed=0)
+
+    def data():
+        return zoo.digits_subset(num_samples=120, batch_size=60)
+    """
+)
+PROBLEM = ["--model", "trackmod:model", "--data", "trackmod:data"]
+ALL = "top,stability,trace,density,ntk,stochastic_edge"
+SMALL = ["--density-iters", "6", "--density-probes", "2", "--trace-probes", "12"]
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pkg")
+    (folder / "trackmod.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+    sys.modules.pop("trackmod", None)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, *QUIET])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tracked(user_module, tmp_path_factory):
+    """A full-batch GD run with every measurement: snapshots at steps 0, 2, 4."""
+    folder = tmp_path_factory.mktemp("track") / "run"
+    args = ["track", *PROBLEM, "--steps", "4", "--schedule", "every:2", "--lr", "0.5"]
+    code, out, err = run(*args, "--measure", ALL, *SMALL, "--out", str(folder))
+    assert code == 0, err
+    return folder, out
+
+
+def series(folder):
+    run_ = load_run(folder)
+    assert run_.problems == []
+    return run_, {
+        name: values
+        for name, values in run_.scalars.items()
+        if not name.startswith("time_") and name != "unix_time"
+    }
+
+
+def test_track_writes_a_loadable_run(tracked):
+    folder, out = tracked
+    run_, values = series(folder)
+    assert run_.steps.tolist() == [0, 2, 4]
+    expected = {
+        "loss",
+        "accuracy",
+        "lr",
+        "lambda_max",
+        "sharpness",
+        "stability_threshold",
+        "edge_ratio",
+        "trace",
+        "trace_std_error",
+        "density_lambda_max",
+        "ntk_trace",
+        "ntk_trace_std_error",
+        "stochastic_K",
+        "stochastic_K_trace",
+    }
+    assert expected <= set(values)
+    np.testing.assert_allclose(values["stability_threshold"], 2 / 0.5, rtol=1e-12)
+    np.testing.assert_array_equal(values["sharpness"], values["lambda_max"])
+    assert np.all(np.diff(values["loss"]) < 0), "full-batch GD at a small lr lowers the loss"
+    assert len(run_.densities) == 3 and run_.densities[4].n == 610
+    assert run_.config["extra"]["batch_size"] == 120  # full batch: B = N for the K of SGD
+    assert run_.config["extra"]["train"]["optimizer"] == "sgd"
+    assert (folder / TRAIN_STATE).is_file()
+    lines = out.strip().splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("step ")] == [
+        "step 0",
+        "step 2",
+        "step 4",
+    ]
+    assert "sharpness" in lines[1] and "/ 2/eta 4 =" in lines[1] and "K " in lines[1]
+    assert lines[-1] == f"run folder: {folder}"
+
+
+def test_plot_writes_the_pngs(tracked, tmp_path):
+    folder, _ = tracked
+    code, out, err = run("plot", str(folder), "--out", str(tmp_path / "figures"))
+    assert code == 0, err
+    for name in ("sharpness.png", "density_evolution.png", "traces.png"):
+        data = (tmp_path / "figures" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert name in out
+    code, _, err = run("plot", str(folder))  # default: RUN_DIR/plots
+    assert code == 0, err
+    assert (folder / "plots" / "sharpness.png").is_file()
+
+
+def test_resume_gives_the_series_of_an_uninterrupted_run(user_module, tmp_path):
+    # Heavy ball on minibatches of 30 (4 per epoch): the series depends on the momentum
+    # buffers and on which samples each step drew, so both must be restored exactly.
+    settings = [*PROBLEM, "--optimizer", "momentum", "--lr", "0.3", "--momentum", "0.8"]
+    settings += ["--batch-size", "30", "--schedule", "every:2", "--measure", "top,stability,trace"]
+    settings += ["--trace-probes", "12", "--top-k", "2"]
+    code, _, err = run("track", *settings, "--steps", "9", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+
+    code, _, err = run("track", *settings, "--steps", "5", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert load_run(tmp_path / "b").steps.tolist() == [0, 2, 4]
+    # Resume with no settings but the steps: the stored ones are used.
+    code, out, err = run("track", "--resume", "--steps", "9", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "steps 5 to 9" in out and "snapshots 2 taken now, 5 in the run" in out
+
+    run_a, values_a = series(tmp_path / "a")
+    run_b, values_b = series(tmp_path / "b")
+    assert run_a.steps.tolist() == run_b.steps.tolist() == [0, 2, 4, 6, 8]
+    assert set(values_a) == set(values_b)
+    for name in values_a:
+        np.testing.assert_array_equal(values_b[name], values_a[name], err_msg=name)
+    np.testing.assert_allclose(values_a["stability_threshold"], 2 * 1.8 / 0.3, rtol=1e-12)
+
+    code, _, err = run("track", "--resume", "--lr", "0.1", "--out", str(tmp_path / "b"))
+    assert code == 2
+    assert err.startswith("curvscope: error: cannot resume") and "settings differ" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_adam_sharpness_is_preconditioned(user_module, tmp_path):
+    args = ["track", *PROBLEM, "--optimizer", "adam", "--lr", "0.01", "--steps", "3"]
+    args += ["--schedule", "every:2:1", "--measure", "stability", "--out", str(tmp_path)]
+    code, out, err = run(*args)
+    assert code == 0, err
+    run_, values = series(tmp_path)
+    assert run_.steps.tolist() == [1, 3]
+    # (1 + beta1)(2) / ((1 - beta1) eta) with beta1 = 0.9, eta = 0.01 (Cohen et al. 2022).
+    np.testing.assert_allclose(values["stability_threshold"], 1.9 * 2 / (0.1 * 0.01), rtol=1e-9)
+    assert "lambda_max" not in values and np.all(values["sharpness"] > 0)
+    assert "Adam threshold" in out
+
+
+def test_minibatches_cover_each_epoch_without_replacement():
+    x = torch.arange(10.0)[:, None]
+    data = [(x[:6], torch.arange(6)), (x[6:], torch.arange(6, 10))]
+    training = TrainingSet(data, None, batch_size=3, seed=0, device=None)
+    assert training.num_samples == 10 and training.per_epoch == 3
+    for epoch in range(2):
+        drawn = torch.cat([training.batch(3 * epoch + i)[1] for i in range(3)])
+        assert len(set(drawn.tolist())) == 9  # one sample per epoch left out (drop last)
+    again = TrainingSet(data, None, batch_size=3, seed=0, device=None)
+    assert torch.equal(again.batch(4)[1], training.batch(4)[1])  # depends on the step only
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["track", "--optimizer", "rmsprop"], "invalid choice"),
+        (["track", "--measure", "top,curvature"], "unknown measurement 'curvature'"),
+        (["track", "--measure", "stochastic_edge"], "needs density"),
+        (["track", "--schedule", "sometimes"], "bad schedule"),
+        (["track", "--lr", "-1"], "must be positive"),
+        (["track", "--batch-size", "0"], "must be at least 1"),
+        (["track", "--momentum", "0.9"], "--momentum is for"),
+        (["track", "--optimizer", "momentum", "--momentum", "1.5"], "must lie in [0, 1)"),
+        (["track", "--batch-size", "500"], "exceeds the 120 training samples"),
+        (["track", "--optimizer", "adam", "--measure", "stability"], "start the schedule"),
+        (["track", "--resume"], "--resume needs --out"),
+        (["track", "--model", "trackmod:nothing"], "has no attribute"),
+        (["track", "--loss", "hinge"], "unknown --loss"),
+        (["track", "--mea", "top"], "unrecognized arguments"),
+        (["plot", "no/such/run"], "is not a run folder"),
+        (["plot"], "required"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(user_module, tmp_path, args, message):
+    if args[0] == "track" and "--model" not in args:
+        args = [*args, "--data", "trackmod:data"]
+    if "--resume" not in args and args[0] == "track":
+        args = [*args, "--out", str(tmp_path / "run")]
+    code, out, err = run(*args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("curvscope: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_existing_run_needs_resume_and_empty_run_has_nothing_to_plot(user_module, tmp_path):
+    args = ["track", *PROBLEM, "--steps", "0", "--measure", "top", "--out", str(tmp_path)]
+    assert run(*args)[0] == 0
+    code, _, err = run(*args)
+    assert code == 2 and "already holds a run: pass --resume" in err
+    # A run whose schedule never came due has no snapshots.
+    empty = tmp_path / "empty"
+    args = ["track", *PROBLEM, "--steps", "1", "--schedule", "steps:5", "--measure", "top"]
+    assert run(*args, "--out", str(empty))[0] == 0
+    code, _, err = run("plot", str(empty))
+    assert code == 2 and "holds no snapshots" in err
