@@ -13,8 +13,11 @@ eta lambda_a (1 + 1/B) < 2 for all a, AND the rank-one coupling is small enough:
 
     K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) < 1,
 
-which for eta lambda << 1 is K ~ eta tr(H) / (2 B). With a tanh/ReLU network the features are
-the NTK's, so K ~ eta tr(NTK) / (2 B N) for MSE normalised by N.
+which for eta lambda << 1 is K ~ eta tr(H) / (2 B). For a network the features are the rows of
+its Jacobian, so with ONE output per sample and the loss (1/2N) sum_i (f_i - y_i)^2, near a
+minimum H ~ J^T J / N and K ~ eta tr(NTK) / (2 B N). With ``F.mse_loss`` (mean over the N*C
+entries, no 1/2) it reads eta tr(NTK) / (B N C). With C > 1 outputs per sample the samples'
+C rows are not independent features and K overstates (by up to C): the measurement warns.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ stochastic edge of SGD. Registered on import of :mod:`curvscope.tracking`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
+
+import torch
 
 from ..analysis.stability import edge_distance, sharpness, stability_threshold
 from ..analysis.stochastic_edge import stochastic_edge_from_density
@@ -82,4 +85,18 @@ def measure_stochastic_edge(op: Any, model: Any, optimizer: Any, tracker: Any) -
         )
     eta = float(optimizer.param_groups[0]["lr"])
     edge = stochastic_edge_from_density(results["density"], eta, int(batch_size))
-    return {"stochastic_K": edge.K, "stochastic_K_trace": edge.K_trace}, {}
+    if not getattr(tracker, "_warned_outputs", False):
+        outputs = op.function.outputs(op.source.first())
+        if isinstance(outputs, torch.Tensor) and outputs[0].numel() > 1:
+            warnings.warn(
+                f"stochastic_edge assumes one output per sample; this model has "
+                f"{outputs[0].numel()}, so K can overstate the edge by up to that factor",
+                stacklevel=2,
+            )
+        tracker._warned_outputs = True
+    return {
+        "stochastic_K": edge.K,
+        "stochastic_K_trace": edge.K_trace,
+        # eta lambda_max (1 + 1/B) / 2: K is inf whenever this reaches 1 (full batch at the edge)
+        "stochastic_max_diagonal": edge.max_diagonal,
+    }, {}
