@@ -33,3 +33,26 @@ lint: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Side-by-side benchmark against PyHessian, curvlinops and hessian-eigenthings (issue 5). The
+# comparison packages live in their own environment, .venv-bench, never in curvscope's
+# dependencies; torch there is the same pinned CPU build (constraints.txt).
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_PIP := $(BENCH_VENV)/bin/python -m pip
+BENCH_ARGS ?=
+
+.PHONY: bench-env bench-compare
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml constraints.txt benchmarks/requirements-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PIP) install -c constraints.txt torch==2.13.0
+	$(BENCH_PIP) install -c constraints.txt -e .
+	$(BENCH_PIP) install --no-deps -c constraints.txt -r benchmarks/requirements-bench.txt
+	touch $@
+
+# About 15 minutes on 2 busy cores; BENCH_ARGS="--quick" for a smoke run of a few minutes.
+bench-compare: bench-env
+	$(BENCH_VENV)/bin/python benchmarks/compare.py $(BENCH_ARGS)

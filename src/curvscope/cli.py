@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
+from .distributed import Shard, init_from_environment, is_distributed, is_main_process
 
 PROG = "curvscope"
 DEFAULT_MODEL = "curvscope.zoo:trained_digits_mlp"
@@ -260,10 +261,8 @@ def _check_params(model: nn.Module, params: list[str] | None) -> None:
         )
 
 
-def build_problem(args: argparse.Namespace) -> Problem:
-    """Load model, data and loss, and build the Hessian operator (one data pass)."""
-    from .operators import HessianOperator
-
+def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, nn.Module, Any, Any]:
+    """(device, loss_fn, model, data, unpack_batch) from the common options, checked."""
     device = _check_device(args.device)
     loss_fn = load_loss(args.loss)
     # Factories that draw random numbers (initial weights) get the same ones on every run,
@@ -274,6 +273,16 @@ def build_problem(args: argparse.Namespace) -> Problem:
         data = load_data(args.data)
     unpack = load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     _check_params(model, args.params)
+    return device, loss_fn, model, data, unpack
+
+
+def build_problem(args: argparse.Namespace) -> Problem:
+    """Load model, data and loss, and build the Hessian operator (one data pass)."""
+    from .operators import HessianOperator
+
+    device, loss_fn, model, data, unpack = load_inputs(args)
+    if is_distributed() and not _sharded_by_sampler(data):
+        data = Shard(data)  # every rank walks every world_size-th batch; products all-reduced
     operator = HessianOperator(
         model,
         loss_fn,
@@ -285,6 +294,14 @@ def build_problem(args: argparse.Namespace) -> Problem:
     )
     command = shlex.join([PROG, *args.argv])
     return Problem(operator, args.model, args.data, args.loss, args.params, command)
+
+
+def _sharded_by_sampler(data: Any) -> bool:
+    """A DataLoader with a DistributedSampler already hands each rank its own shard."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler)
 
 
 class ProgressOperator:
@@ -304,7 +321,7 @@ class ProgressOperator:
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
+    return not args.no_progress and sys.stderr.isatty() and is_main_process()
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -341,11 +358,16 @@ def run_density(args: argparse.Namespace) -> int:
         seed=args.seed,
         basis=args.basis,
         progress=_show_progress(args),
+        checkpoint_dir=out / "checkpoint" if args.checkpoint or args.resume else None,
+        resume=args.resume,
     )
+    if args.mark_top:
+        pairs = _with_meta(top_eigenpairs(op, k=args.mark_top, seed=args.seed), problem)
+    if not is_main_process():
+        return 0  # under torchrun every rank computed the same numbers; rank 0 writes them
     density = _with_meta(density, problem)
     files = list(density.save(out / "density"))
     if args.mark_top:
-        pairs = _with_meta(top_eigenpairs(op, k=args.mark_top, seed=args.seed), problem)
         files += pairs.save(out / "top_eigenpairs", with_vectors=False)
         marks, label = pairs.values, f"top {args.mark_top} eigenvalues"
     else:
@@ -381,6 +403,8 @@ def run_top(args: argparse.Namespace) -> int:
         pairs = top_eigenpairs(
             ProgressOperator(op, bar), k=args.k, which=args.which, tol=tol, seed=args.seed
         )
+    if not is_main_process():
+        return 0
     pairs = _with_meta(pairs, problem)
     files = pairs.save(out / "eigenpairs", with_vectors=not args.no_vectors)
     print(f"curvscope top: {args.k} {args.which} eigenvalues of the {problem.describe()}")
@@ -418,6 +442,8 @@ def run_trace(args: argparse.Namespace) -> int:
         estimate = trace(
             ProgressOperator(op, bar), num_probes=args.probes, method=args.method, seed=args.seed
         )
+    if not is_main_process():
+        return 0
     estimate = _with_meta(estimate, problem)
     files = estimate.save(out / "trace")
     n = op.num_params
@@ -803,14 +829,7 @@ def run_track(args: argparse.Namespace) -> int:
             "on: start the schedule at step 1 (e.g. --schedule every:25:1 or log:1:1000:10)"
         )
     out = _run_dir(args)
-    device = _check_device(args.device)
-    loss_fn = load_loss(args.loss)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = load_model(args.model)
-        data = load_data(args.data)
-    unpack = load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
-    _check_params(model, args.params)
+    device, loss_fn, model, data, unpack = load_inputs(args)
     if device is not None:
         model.to(device)
     training = TrainingSet(data, unpack, args.batch_size, args.seed, device)
@@ -1126,7 +1145,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--basis",
         choices=["memory", "disk"],
         default="memory",
-        help="keep the Lanczos basis in RAM or in a temporary memmap file (default: memory)",
+        help="keep the Lanczos basis in RAM or in a temporary file (default: memory)",
+    )
+    density.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="keep the run resumable: basis and Lanczos state in OUT/checkpoint, updated "
+        "before every product (implies a disk basis)",
+    )
+    density.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in OUT/checkpoint (same model, data, --iters, "
+        "--probes and --seed); ends with the numbers of an uninterrupted run",
     )
     density.add_argument(
         "--mark-top",
@@ -1374,6 +1405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
+        init_from_environment()  # under torchrun/SLURM: join the process group
         if args.threads:
             torch.set_num_threads(args.threads)
         return int(args.run(args))
