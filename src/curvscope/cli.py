@@ -291,6 +291,7 @@ def build_problem(args: argparse.Namespace) -> Problem:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         device=device,
         unpack_batch=unpack,
+        keep_graphs=getattr(args, "keep_graphs", False),
     )
     command = shlex.join([PROG, *args.argv])
     return Problem(operator, args.model, args.data, args.loss, args.params, command)
@@ -1074,6 +1075,12 @@ def _common_options(
         help="import path of fn(batch) -> (inputs, targets) for batches that are not pairs "
         "(dicts, say); inputs may be a tensor, a tuple (model(*inputs)) or a dict "
         "(model(**inputs))",
+    )
+    group.add_argument(
+        "--keep-graphs",
+        action="store_true",
+        help="keep every batch's gradient graph across Hessian products (about 2 instead of 3 "
+        "gradients per product; holds all activations in memory)",
     )
     group.add_argument(
         "--params",
