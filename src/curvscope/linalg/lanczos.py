@@ -163,9 +163,12 @@ def lanczos(
                 store.flush()
                 state.save(Path(checkpoint_dir), n)
             idx = active
-            w = apply_rows(op, q[idx])
-            alpha = (w * q[idx]).sum(dim=1)
-            w -= alpha[:, None] * q[idx] + beta_prev[idx, None] * q_prev[idx]
+            everyone = idx.numel() == k  # no breakdown yet: use the blocks without copies
+            current = q if everyone else q[idx]
+            previous = q_prev if everyone else q_prev[idx]
+            w = apply_rows(op, current)
+            alpha = (w * current).sum(dim=1)
+            w -= alpha[:, None] * current + beta_prev[idx, None] * previous
             for _ in range(2):  # full reorthogonalization, twice
                 for _, chunk in store.read_chunks(step + 1, idx):
                     coeffs = torch.einsum("skn,kn->sk", chunk, w)
@@ -189,9 +192,12 @@ def lanczos(
             if not alive.any():
                 state.finished = True
                 break
+            beta_prev[idx] = beta
+            if everyone and alive.all():
+                q_prev, q = q, w.div_(beta[:, None])
+                continue
             keep = torch.as_tensor(alive, device=device)
             q_prev[idx] = q[idx]
-            beta_prev[idx] = beta
             new_q = q.clone()
             new_q[idx[keep]] = w[keep] / beta[keep, None]
             q = new_q
