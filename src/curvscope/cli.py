@@ -1386,6 +1386,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the full traceback of an error"
     )
     plot_parser.set_defaults(run=run_plot)
+    from . import cli_structure  # decompose, overlap, blocks; density --structure
+
+    cli_structure.register(commands, [common])
     return parser
 
 
