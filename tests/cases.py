@@ -313,3 +313,18 @@ def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact|| / ||exact|| in float64."""
     approx, exact = approx.double(), exact.double()
     return float((approx - exact).norm() / exact.norm())
+
+
+def tiny_problem(seed: int = 0):
+    """A float64 tanh MLP (3 -> 4 -> 3, n = 31) with cross-entropy over 21 samples in batches
+    of 8, 8 and 5: (model, loss_fn, batches)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        X = torch.randn(NUM_SAMPLES, 3, dtype=torch.float64)
+        Y = torch.randint(0, 3, (NUM_SAMPLES,))
+    batches, start = [], 0
+    for size in BATCH_SIZES:
+        batches.append((X[start : start + size], Y[start : start + size]))
+        start += size
+    return model, nn.CrossEntropyLoss(), batches

@@ -990,34 +990,25 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=88)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(convert: Callable[[str], Any], noun: str, lowest: float, strict: bool):
+    """An argparse type: ``convert(text)``, refused with a one-line reason below ``lowest``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value < lowest or (strict and not value > lowest):
+            bound = "positive" if strict else f"at least {lowest:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+_positive_int = _bounded(int, "an integer", 1, strict=False)
+_nonnegative_int = _bounded(int, "an integer", 0, strict=False)
+_positive_float = _bounded(float, "a number", 0.0, strict=True)
 
 
 MAIN_EPILOG = """\

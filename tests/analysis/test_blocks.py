@@ -5,26 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cases import tiny_problem
 from torch import nn
 
 from curvscope.analysis import BlockSpectra, block_spectra, default_groups, resolve_groups
 from curvscope.operators import HessianOperator
 
 BATCH_SIZES = (8, 8, 5)  # an uneven last batch
-
-
-def tiny_problem(seed: int = 0):
-    """A float64 tanh MLP (3 -> 4 -> 3, n = 16 + 15) with cross-entropy over 21 samples."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-        X = torch.randn(sum(BATCH_SIZES), 3, dtype=torch.float64)
-        Y = torch.randint(0, 3, (sum(BATCH_SIZES),))
-    batches, start = [], 0
-    for size in BATCH_SIZES:
-        batches.append((X[start : start + size], Y[start : start + size]))
-        start += size
-    return model, nn.CrossEntropyLoss(), batches
 
 
 def dense_hessian(model, loss_fn, batches) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from cases import tiny_problem
 
 from curvscope.analysis import (
     GradientOverlap,
@@ -29,20 +29,6 @@ def random_orthogonal(n: int, seed: int) -> np.ndarray:
 def planted_matrix(values: np.ndarray, seed: int) -> np.ndarray:
     Q = random_orthogonal(values.size, seed)
     return (Q * values) @ Q.T
-
-
-def tiny_problem(seed: int = 0):
-    """A float64 tanh MLP (3 -> 4 -> 3, n = 31) with cross-entropy over 21 samples."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-        X = torch.randn(sum(BATCH_SIZES), 3, dtype=torch.float64)
-        Y = torch.randint(0, 3, (sum(BATCH_SIZES),))
-    batches, start = [], 0
-    for size in BATCH_SIZES:
-        batches.append((X[start : start + size], Y[start : start + size]))
-        start += size
-    return model, nn.CrossEntropyLoss(), batches
 
 
 def dense_gradient_and_hessian(model, loss_fn, batches) -> tuple[torch.Tensor, torch.Tensor]:
