@@ -72,6 +72,10 @@ def user_module(tmp_path_factory):
     sys.modules.pop("structmod", None)
 
 
+#: curvscope.cli's own parser builder, before the fixture below replaces it.
+original_build_parser = cli_module.build_parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``curvscope`` parser with the structure commands registered on its subparsers."""
     parser = original_build_parser()
@@ -79,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     if "decompose" not in commands.choices:  # not yet wired into curvscope.cli
         register(commands, [cli_module._common_options()])
     return parser
-
-
-original_build_parser = cli_module.build_parser
 
 
 @pytest.fixture(autouse=True)

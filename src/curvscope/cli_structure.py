@@ -771,7 +771,7 @@ def register(
         "decompose",
         parents=parents,
         formatter_class=formatter,
-        help="densities of H, Gauss-Newton G, H - G and G's class terms side by side",
+        help="densities of H, G, H - G and G's class terms",
         description=cli._wrap(
             "Split the Hessian H into the Gauss-Newton matrix G = J^T H_L J and the residual "
             "H - G (Papyan 2019), and for cross-entropy or MSE split G further into the "
