@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _tracked_gd import track_full_batch
 from matplotlib.figure import Figure
 
 from curvscope import zoo
-from curvscope.cli import mse_loss
 from curvscope.plot import plot_sharpness
-from curvscope.tracking import Tracker, load_run
+from curvscope.tracking import load_run
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 LEARNING_RATES = (1.5, 2.0, 2.5)
@@ -42,30 +42,9 @@ SEED = 0
 def train(lr: float, run_dir: Path) -> float:
     """Full-batch GD at ``lr`` with a snapshot every EVERY steps; returns the wall time."""
     data = zoo.digits_subset(NUM_SAMPLES, seed=SEED)
-    ((inputs, targets),) = data
     model = zoo.digits_mlp(hidden=(32, 32), activation="tanh", seed=SEED)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    started = time.perf_counter()
-    # The three lines: a Tracker, then tracker.step(...) once per step of the loop.
-    with Tracker(
-        run_dir,
-        mse_loss,
-        data,
-        schedule=f"every:{EVERY}",
-        measurements=("top", "stability"),
-        top_tol=1e-6,
-        seed=SEED,
-        progress=False,
-    ) as tracker:
-        for step in range(STEPS + 1):
-            loss = mse_loss(model(inputs), targets)
-            tracker.step(step, model, optimizer, loss=loss)
-            if step == STEPS:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return time.perf_counter() - started
+    return track_full_batch(model, optimizer, data, run_dir, STEPS, EVERY, SEED)
 
 
 def summary(run, lr: float) -> dict[str, float]:

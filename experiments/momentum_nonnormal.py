@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _tracked_gd import track_full_batch
 from matplotlib.figure import Figure
 
 from curvscope import HessianOperator, top_eigenpairs, zoo
 from curvscope.analysis.stability import heavy_ball_analysis, nonnormal_report
 from curvscope.cli import mse_loss
 from curvscope.operators.update import OptimizerConfig, UpdateOperator
-from curvscope.tracking import Tracker, load_run
+from curvscope.tracking import load_run
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 BETA = 0.9
@@ -55,29 +56,9 @@ SHOWN = (0.5, 0.95, 0.9993, 0.9999, 1.0005)
 
 def train(lr: float, run_dir: Path) -> tuple[torch.nn.Module, float]:
     data = zoo.digits_subset(NUM_SAMPLES, seed=SEED)
-    ((inputs, targets),) = data
     model = zoo.digits_mlp(seed=SEED)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=BETA)
-    started = time.perf_counter()
-    with Tracker(
-        run_dir,
-        mse_loss,
-        data,
-        schedule=f"every:{EVERY}",
-        measurements=("top", "stability"),
-        top_tol=1e-6,
-        seed=SEED,
-        progress=False,
-    ) as tracker:
-        for step in range(STEPS + 1):
-            loss = mse_loss(model(inputs), targets)
-            tracker.step(step, model, optimizer, loss=loss)
-            if step == STEPS:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model, time.perf_counter() - started
+    return model, track_full_batch(model, optimizer, data, run_dir, STEPS, EVERY, SEED)
 
 
 def main() -> None:
