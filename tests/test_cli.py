@@ -175,6 +175,24 @@ def test_user_model_data_and_loss_match_the_dense_hessian(tmp_path, capsys, user
     np.testing.assert_allclose(np.sort(density.nodes[0]), truth, atol=1e-9)
 
 
+def test_keep_graphs_choices_give_identical_results(tmp_path, capsys, user_module):
+    """Kept graphs change the cost of a product, never its value: auto, all and none agree
+    bit for bit."""
+    common = ["--model", "usermod:build", "--data", "usermod:batches", "--loss", "usermod:half_mse"]
+    values = {}
+    for choice in (None, "all", "none", "auto"):
+        flag = [] if choice is None else ["--keep-graphs", choice]
+        out_dir = tmp_path / str(choice)
+        code, _, err = run(capsys, "top", *common, *flag, "--out", str(out_dir))
+        assert code == 0, err
+        values[choice] = Eigenpairs.load(out_dir / "eigenpairs").values
+    assert all(np.array_equal(v, values[None]) for v in values.values())
+    code, _, err = run(capsys, "top", *common, "--keep-graphs", "--out", str(tmp_path / "bare"))
+    assert code == 0, err  # the bare flag means "all"
+    code, _, err = run(capsys, "top", *common, "--keep-graphs", "some")
+    assert code == 2 and "invalid choice" in err
+
+
 def test_file_path_import_and_unpack_batch_hook(tmp_path, capsys, user_module):
     args = ["trace", "--method", "hutchinson", "--probes", "4", "--out", str(tmp_path)]
     args += ["--model", f"{user_module}:build", "--data", f"{user_module}:dict_batches"]

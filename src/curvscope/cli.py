@@ -36,6 +36,7 @@ PROG = "curvscope"
 DEFAULT_MODEL = "curvscope.zoo:trained_digits_mlp"
 DEFAULT_DATA = "curvscope.zoo:digits_data"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+KEEP_GRAPHS: dict[str, bool | str] = {"auto": "auto", "all": True, "none": False}
 #: Default residual tolerance of ``top`` per product dtype (float32 products are noisy at
 #: about 1e-7 relative, so 1e-8 is out of their reach).
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -291,7 +292,7 @@ def build_problem(args: argparse.Namespace) -> Problem:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         device=device,
         unpack_batch=unpack,
-        keep_graphs=getattr(args, "keep_graphs", False),
+        keep_graphs=KEEP_GRAPHS[getattr(args, "keep_graphs", "auto")],
     )
     command = shlex.join([PROG, *args.argv])
     return Problem(operator, args.model, args.data, args.loss, args.params, command)
@@ -1069,9 +1070,13 @@ def _common_options(
     )
     group.add_argument(
         "--keep-graphs",
-        action="store_true",
-        help="keep every batch's gradient graph across Hessian products (about 2 instead of 3 "
-        "gradients per product; holds all activations in memory)",
+        nargs="?",
+        const="all",
+        default="auto",
+        choices=list(KEEP_GRAPHS),
+        help="keep batches' gradient graphs across Hessian products (about 2 instead of 3 "
+        "gradients per product, bit-identical): auto (default) keeps those that fit in a "
+        "quarter of the available memory, all keeps every one, none rebuilds them each time",
     )
     group.add_argument(
         "--params",

@@ -60,6 +60,47 @@ def test_hessian_eigenpairs_match_dense(name, which):
     assert checked >= 1  # the small nets' extreme eigenvalues are simple
 
 
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_one_pair_by_early_stopped_lanczos_matches_dense(name, which):
+    """k = 1 goes through plain Lanczos with an early stop: the pair meets tol against the
+    dense Hessian, and it needs fewer products than ARPACK's restarted search."""
+    case = make_case(name)
+    op = HessianOperator(case.model, case.loss_fn, case.batches)
+    values, vectors = dense_eigh_of(name)
+    norm = np.abs(values).max()
+    expected_value, expected_vector = extreme(values, vectors, which, 1)
+    result = top_eigenpairs(op, k=1, which=which, tol=TOL)
+    assert result.meta["method"] == "lanczos"
+    assert abs(result.values[0] - expected_value[0]) <= TOL * norm
+    H = dense_hessian_of(name).numpy()
+    u = result.vectors[:, 0]
+    assert np.linalg.norm(H @ u - result.values[0] * u) <= TOL * norm
+    assert result.converged[0] and result.residuals[0] <= TOL
+    if simple(values, int(np.argmin(np.abs(values - expected_value[0]))), 1e-3 * norm):
+        assert abs(u @ expected_vector[:, 0]) >= 1 - 1e-9
+    arpack = top_eigenpairs(op, k=1, which=which, tol=TOL, method="arpack")
+    assert abs(arpack.values[0] - result.values[0]) <= TOL * norm
+    assert result.meta["num_products"] <= arpack.meta["num_products"]
+
+
+def test_lanczos_stops_early_at_a_loose_tolerance_and_falls_back_when_capped():
+    """A loose tolerance takes few steps; a basis cap too small for the tolerance hands the
+    Ritz vector on to ARPACK, which finishes the job (and the products of both are counted)."""
+    values = np.r_[np.linspace(0.0, 1.0, 397), [1.02, 1.04, 1.06]]  # gap 2% at the top
+    A = planted(values, seed=7)
+    loose = top_eigenpairs(A, k=1, tol=1e-2)
+    tight = top_eigenpairs(A, k=1, tol=1e-10)
+    assert loose.meta["method"] == tight.meta["method"] == "lanczos"
+    assert loose.meta["num_products"] < tight.meta["num_products"]
+    assert abs(tight.values[0] - 1.06) <= 1e-10 and tight.converged[0]
+    # 20 steps (the floor of the cap) cannot reach 1e-10 with a 2% gap: ARPACK takes over.
+    capped = top_eigenpairs(A, k=1, tol=1e-10, max_basis_bytes=0)
+    assert capped.meta["method"] == "lanczos+arpack"
+    assert abs(capped.values[0] - 1.06) <= 1e-10 and capped.converged[0]
+    assert capped.meta["num_products"] > 21
+
+
 def test_smallest_of_a_singular_psd_matrix_is_converged():
     """The 'smallest' pairs of a rank-deficient positive semi-definite matrix (a GGN, say)
     are eigenvalue 0: their residual must be measured against ||A||, not against |0|."""
@@ -138,3 +179,5 @@ def test_bad_arguments():
         top_eigenpairs(A, k=0)
     with pytest.raises(ValueError, match="which must be one of"):
         top_eigenpairs(A, which="LA")
+    with pytest.raises(ValueError, match="method must be 'auto', 'lanczos' or 'arpack'"):
+        top_eigenpairs(A, method="power")

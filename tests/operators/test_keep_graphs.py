@@ -1,5 +1,6 @@
 """Kept gradient graphs give the same products as rebuilding them, and never go stale."""
 
+import pytest
 import torch
 from cases import CASE_NAMES, dense_hessian_of, make_case, rel_err
 
@@ -21,3 +22,60 @@ def test_kept_graphs_give_the_same_products():
         op.release_graphs()
         assert not op._graphs
         assert rel_err(op.matmat(V), H @ V) <= 1e-10, name
+
+
+def test_auto_keeps_the_batches_that_fit_the_budget():
+    """'auto' (the default) keeps graphs in data order while they fit ``graph_memory``;
+    products are exact whether a batch is kept or rebuilt."""
+    name = "tanh_mlp_ce"
+    case = make_case(name)
+    H = dense_hessian_of(name)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    everything = HessianOperator(case.model, case.loss_fn, case.batches)
+    assert everything.keep_graphs == "auto"
+    assert rel_err(everything.matmat(V), H @ V) <= 1e-10
+    assert len(everything._graphs) == len(case.batches) >= 2
+    sizes = everything.kept_graph_bytes
+    assert sizes > 0
+
+    nothing = HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=0)
+    for _ in range(2):
+        assert rel_err(nothing.matmat(V), H @ V) <= 1e-10
+    assert not nothing._graphs and nothing.kept_graph_bytes == 0
+
+    # A budget for about one batch keeps some but not all, and the sum stays exact.
+    per_batch = sizes // len(case.batches)
+    some = HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=per_batch + 64)
+    for _ in range(2):
+        assert rel_err(some.matmat(V), H @ V) <= 1e-10
+    assert 1 <= len(some._graphs) < len(case.batches)
+    assert some.kept_graph_bytes <= per_batch + 64
+
+    off = HessianOperator(case.model, case.loss_fn, case.batches, keep_graphs=False)
+    assert rel_err(off.matmat(V), H @ V) <= 1e-10 and not off._graphs
+
+
+def test_auto_keeps_nothing_for_a_shuffling_loader():
+    """A shuffling DataLoader puts other samples under a batch index on every pass: a mix of
+    kept and rebuilt batches would count samples twice, so 'auto' keeps none."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    name = "tanh_mlp_ce"
+    case = make_case(name)
+    inputs = torch.cat([x for x, _ in case.batches])
+    targets = torch.cat([t for _, t in case.batches])
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=7, shuffle=True)
+    op = HessianOperator(case.model, case.loss_fn, loader)
+    H = dense_hessian_of(name)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        assert rel_err(op.matmat(V), H @ V) <= 1e-10
+    assert not op._graphs
+
+
+def test_keep_graphs_arguments_are_checked():
+    case = make_case("tanh_mlp_ce")
+    with pytest.raises(ValueError, match="keep_graphs must be True, False or 'auto'"):
+        HessianOperator(case.model, case.loss_fn, case.batches, keep_graphs="yes")
+    with pytest.raises(ValueError, match="graph_memory must be >= 0"):
+        HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=-1)

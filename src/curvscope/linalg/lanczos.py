@@ -9,6 +9,7 @@ Gram-Schmidt repeated: "twice is enough", Giraud et al. 2005), as Ghorbani et al
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,7 @@ def lanczos(
     progress: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    stop: Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None = None,
 ) -> LanczosResult:
     """Run Lanczos from k start vectors at once, with full reorthogonalization (twice).
 
@@ -93,6 +95,9 @@ def lanczos(
         resume: Continue from the state in ``checkpoint_dir`` (the same operator, m and
             start vectors are required; the start vectors' norms are compared). The result
             equals that of an uninterrupted run.
+        stop: Optional ``stop(alphas, betas, num_steps) -> bool`` called after every step
+            with the (k, m) recurrence arrays so far (read-only views); True ends the run
+            there (an early exit, e.g. once the wanted Ritz values have converged).
 
     Returns:
         :class:`LanczosResult` with per-probe tridiagonals.
@@ -189,7 +194,9 @@ def lanczos(
                 state.scale[ids], np.finfo(np.float64).tiny
             )
             state.active[ids[~alive]] = False
-            if not alive.any():
+            if not alive.any() or (
+                stop is not None and stop(state.alphas, state.betas, state.num_steps)
+            ):
                 state.finished = True
                 break
             beta_prev[idx] = beta

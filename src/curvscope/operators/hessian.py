@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Literal
 
 import torch
 
-from .data import Batch
+from .data import Batch, is_shuffling
 from .dataset import DatasetCurvatureOperator
+
+KeepGraphs = bool | Literal["auto"]
+
+#: Share of the memory available when the operator is built that "auto" lets kept graphs use.
+AUTO_GRAPH_SHARE = 0.25
 
 
 class HessianOperator(DatasetCurvatureOperator):
     """Hessian of the mean loss over every sample of ``data`` w.r.t. the flat parameters.
 
     H = (1/N) sum_b |b| * d^2 L_b / d theta^2, with L_b the mean loss of batch b, so an uneven
-    last batch is exact. Each batch's gradient graph is built once per product and reused by
-    all k vectors of a block (one data pass per ``matmat``).
+    last batch is exact.
 
     Products use plain ``torch.autograd`` double backward (reverse over reverse): the batch's
     gradient graph is built once and all k vectors of a block go back through it, about
@@ -25,39 +30,90 @@ class HessianOperator(DatasetCurvatureOperator):
     immutable" with ``F.mse_loss`` on torch 2.13, and with BatchNorm in train mode it returns
     a wrong Hessian without an error.
 
+    Kept graphs: the parameters never move during an analysis, so a batch's gradient graph
+    (its activations and the first backward) can be kept across products. A product then
+    costs one double backward per kept batch instead of a forward, a backward and a double
+    backward (about 2k gradients instead of 1 + 2k; 2.07 instead of 3.19 for one HVP,
+    docs/benchmarks.md), with bit-identical results.
+
     Arguments: see :class:`~curvscope.operators.dataset.DatasetCurvatureOperator`
     (model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism,
-    matmat_mode), plus ``keep_graphs``: keep every batch's gradient graph (its activations and
-    the first backward) across products, since the parameters never move during an analysis.
-    A product then costs one double backward per batch instead of a forward, a backward and
-    a double backward (about 2 gradients instead of 3), at the price of holding the whole
-    data set's activations in memory: use it when they fit. Off by default.
+    matmat_mode), plus
+
+    - ``keep_graphs``: "auto" (default) keeps the graphs of the batches that fit in
+      ``graph_memory`` bytes, in data order, and rebuilds the others on every product; True
+      keeps every batch's graph whatever its size; False keeps none.
+    - ``graph_memory``: the budget of "auto" in bytes; default a quarter of the memory
+      available when the operator is built (``MemAvailable`` of /proc/meminfo on the CPU,
+      free device memory on CUDA; 1 GiB where neither can be read). A graph's size is the
+      storage of the tensors autograd saves for it plus its gradient, counted while it is
+      built (the parameters, which exist anyway, not counted). With a shuffling
+      ``DataLoader`` "auto" keeps nothing: a batch index would hold other samples on the next
+      pass, and a mix of kept and rebuilt batches would count some samples twice.
+
+    Attributes:
+        kept_graph_bytes: Bytes of the graphs kept now (0 before the first product).
 
     Shapes:
         ``matvec``: (n,) -> (n,); ``matmat``: (n, k) -> (n, k).
     """
 
-    def __init__(self, *args: Any, keep_graphs: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        keep_graphs: KeepGraphs = "auto",
+        graph_memory: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if keep_graphs not in (True, False, "auto"):
+            raise ValueError(f"keep_graphs must be True, False or 'auto', not {keep_graphs!r}")
+        if graph_memory is not None and graph_memory < 0:
+            raise ValueError(f"graph_memory must be >= 0 bytes, got {graph_memory}")
         super().__init__(*args, **kwargs)
-        self.keep_graphs = bool(keep_graphs)
+        self.keep_graphs: KeepGraphs = keep_graphs
+        self.graph_memory = (
+            int(graph_memory) if graph_memory is not None else default_graph_memory(self.device)
+        )
         self._graphs: dict[int, list[torch.Tensor]] = {}
+        self._not_kept: set[int] = set()
+        self.kept_graph_bytes = 0
+        self._shuffling = is_shuffling(self.source.data)
 
     def release_graphs(self) -> None:
-        """Free the kept gradient graphs (they are rebuilt on the next product if kept)."""
+        """Free the kept gradient graphs (they are rebuilt, and kept again, on next use)."""
         self._graphs.clear()
+        self._not_kept.clear()
+        self.kept_graph_bytes = 0
 
     def batch_gradient(self, batch: Batch) -> list[torch.Tensor]:
         """Gradient of the batch's mean loss, with its graph kept for a second backward."""
         if batch.index in self._graphs:
             return self._graphs[batch.index]
+        measure = (
+            self.keep_graphs == "auto" and not self._shuffling and batch.index not in self._not_kept
+        )
         leaves = self.function.param_list()
+        if not measure:
+            return self._gradient(batch, leaves, keep=self.keep_graphs is True)
+        meter = _SavedBytes(leaves)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, _unpack):
+            grads = self._gradient(batch, leaves, keep=False)
+        size = meter.bytes + sum(g.untyped_storage().nbytes() for g in grads)
+        if self.kept_graph_bytes + size <= self.graph_memory:
+            self._graphs[batch.index] = grads
+            self.kept_graph_bytes += size
+        else:
+            self._not_kept.add(batch.index)
+        return grads
+
+    def _gradient(self, batch: Batch, leaves: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
         loss = self.batch_loss(batch)
         grads = list(
             torch.autograd.grad(
                 loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True
             )
         )
-        if self.keep_graphs:
+        if keep:
             self._graphs[batch.index] = grads
         return grads
 
@@ -66,6 +122,65 @@ class HessianOperator(DatasetCurvatureOperator):
         grads = self.batch_gradient(batch)
         leaves = self.function.param_list()
         tangents = self.function.split(rows)
-        return self.backward(
-            grads, leaves, tangents, out=torch.empty_like(rows), retain_graph=self.keep_graphs
-        )
+        kept = batch.index in self._graphs
+        return self.backward(grads, leaves, tangents, out=torch.empty_like(rows), retain_graph=kept)
+
+
+def default_graph_memory(device: torch.device) -> int:
+    """A quarter of the memory available now on ``device`` (1 GiB where it can't be read)."""
+    available: int | None = None
+    if device.type == "cuda":
+        try:
+            available = torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            available = None
+    elif device.type == "cpu":
+        available = _mem_available_cpu()
+    if available is None:
+        return 1 << 30
+    return int(AUTO_GRAPH_SHARE * available)
+
+
+def _mem_available_cpu() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class _SavedBytes:
+    """Counts the distinct storages autograd saves while a graph is built.
+
+    Storages of the parameters (which exist whether or not the graph is kept) are left out;
+    every other storage, the batch's inputs included, is counted once, however often it is
+    saved.
+    """
+
+    def __init__(self, leaves: list[torch.Tensor]) -> None:
+        self.bytes = 0
+        self.seen: set[int] = {_storage_id(t) for t in leaves}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_id(tensor)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += tensor.untyped_storage().nbytes()
+        return tensor
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse)
+        return id(tensor)
