@@ -25,6 +25,7 @@ from .functional import (
     preserved_rng,
     random_modules,
 )
+from .precision import ieee_float32
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -46,6 +47,10 @@ class DatasetCurvatureOperator(CurvatureOperator):
             the retained graph), "batched" (one vmapped pass, ``is_grads_batched``) or "auto":
             loop on the CPU, where it measured faster (benchmarks/hvp_cost.py), batched
             elsewhere with a fallback to loop when an operation has no batching rule.
+        allow_tf32: Let products use the reduced float32 precision the user's backend
+            settings allow (TF32 convolutions are PyTorch's default on recent GPUs, ~1e-3
+            relative error). Default False: every product runs in full IEEE float32 (see
+            :mod:`curvscope.operators.precision`); the settings are restored afterwards.
 
     Attributes:
         num_samples: N, the samples seen by the last data pass (None before the first).
@@ -64,6 +69,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         unpack_batch: UnpackBatch | None = None,
         check_determinism: bool = True,
         matmat_mode: MatmatMode = "auto",
+        allow_tf32: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,6 +78,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.function = ModelFunction(model, params=params, dtype=dtype, device=device)
         super().__init__(self.function.num_params, self.function.dtype, self.function.device)
         self.loss_fn = loss_fn
+        self.allow_tf32 = bool(allow_tf32)
         self.source = DataSource(data, self.device, self.dtype, unpack_batch)
         self.num_samples: int | None = None
         self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
@@ -161,7 +168,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         rows = V.T.contiguous()
         total = torch.zeros_like(rows)
         num_samples = 0
-        with preserved_rng(), torch.enable_grad():
+        with preserved_rng(), torch.enable_grad(), ieee_float32(not self.allow_tf32):
             for batch in self.source:
                 product = self.batch_products(batch, rows)
                 # One reduction instead of an elementwise test; exact check only on alarm.
