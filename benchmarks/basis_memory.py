@@ -19,7 +19,7 @@ Configurations at one step count alternate which kind runs first.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/basis_memory.py                 # n=10M, 90 steps: hours on 2 cores
+    .venv/bin/python benchmarks/basis_memory.py                 # n=10M, 90 steps: ~10 min idle
     .venv/bin/python benchmarks/basis_memory.py --steps 8 16    # docs/memory.md, ~8 min
     .venv/bin/python benchmarks/basis_memory.py --n 100000 --steps 10   # smoke run, seconds
 

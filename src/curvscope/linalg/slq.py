@@ -114,7 +114,7 @@ def spectral_density(
         "num_probes": num_probes,
         "probes_in_lockstep": group,
         "seed": seed,
-        "reorthogonalization": "full, twice",
+        "reorthogonalization": "full, DGKS-repeated",
         "recurrence_dtype": "float64",
         "operator_dtype": str(op.dtype).replace("torch.", ""),
         "operator": type(op).__name__,
