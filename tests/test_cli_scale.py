@@ -43,13 +43,17 @@ def test_torchrun_two_processes_match_one(user_module, tmp_path):  # noqa: F811
     assert main([*common, "--out", str(single_out)]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user_module.parent), *sys.path])}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*launch, "-m", "curvscope", *common, "--out", str(multi_out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def launch_density(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*launch, "-m", "curvscope", *common, "--out", str(multi_out), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = launch_density("--checkpoint")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("curvscope density:") == 1  # only rank 0 reports and writes
     single = SpectralDensity.load(single_out / "density")
@@ -57,3 +61,13 @@ def test_torchrun_two_processes_match_one(user_module, tmp_path):  # noqa: F811
     scale = np.nanmax(np.abs(single.nodes))
     assert np.nanmax(np.abs(multi.nodes - single.nodes)) <= 1e-10 * scale
     assert "20 samples" in done.stdout  # the all-reduced count, not one rank's shard
+    # Each rank checkpoints into its own folder (no two processes write one file), and a
+    # resumed run under torchrun ends with the same numbers.
+    for r in (0, 1):
+        assert (multi_out / "checkpoint" / f"rank{r}" / "state.json").is_file()
+    assert not (multi_out / "checkpoint" / "state.json").exists()
+    done = launch_density("--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = SpectralDensity.load(multi_out / "density")
+    np.testing.assert_array_equal(resumed.nodes, multi.nodes)
+    assert resumed.meta["resumed"] is True

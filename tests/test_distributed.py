@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from cases import make_case
 
 from curvscope import HessianOperator, spectral_density, top_eigenpairs
-from curvscope.distributed import Shard, is_distributed
+from curvscope.distributed import Shard, is_distributed, slurm_environment
 
 
 def free_port() -> int:
@@ -70,3 +70,19 @@ def test_shard_splits_batches_round_robin():
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
     with pytest.raises(ValueError, match="outside"):
         Shard(batches, rank_=3, world=3)
+
+
+def test_slurm_variables_become_torch_distributed_ones():
+    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1"}
+    assert slurm_environment(slurm) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_PORT": "29500",
+    }
+    assert slurm_environment({**slurm, "MASTER_PORT": "1234"})["MASTER_PORT"] == "1234"
+    assert slurm_environment({**slurm, "WORLD_SIZE": "8"}) == {}  # torchrun already set it
+    assert slurm_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
+    assert slurm_environment({}) == {}
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
+        slurm_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})

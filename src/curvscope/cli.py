@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .distributed import Shard, init_from_environment, is_distributed, is_main_process
+from .distributed import Shard, init_from_environment, is_distributed, is_main_process, rank
 
 PROG = "curvscope"
 DEFAULT_MODEL = "curvscope.zoo:trained_digits_mlp"
@@ -346,6 +346,13 @@ def _paths(*paths: Path) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _checkpoint_dir(out: Path) -> Path:
+    """OUT/checkpoint, or OUT/checkpoint/rankR under torchrun: every rank keeps its own
+    (identical) Lanczos state, so no two processes write one file."""
+    folder = out / "checkpoint"
+    return folder / f"rank{rank()}" if is_distributed() else folder
+
+
 def run_density(args: argparse.Namespace) -> int:
     from .linalg import spectral_density, top_eigenpairs
     from .plot import plot_density
@@ -361,7 +368,7 @@ def run_density(args: argparse.Namespace) -> int:
         seed=args.seed,
         basis=args.basis,
         progress=_show_progress(args),
-        checkpoint_dir=out / "checkpoint" if args.checkpoint or args.resume else None,
+        checkpoint_dir=_checkpoint_dir(out) if args.checkpoint or args.resume else None,
         resume=args.resume,
     )
     if args.mark_top:
@@ -1160,8 +1167,9 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument(
         "--checkpoint",
         action="store_true",
-        help="keep the run resumable: basis and Lanczos state in OUT/checkpoint, updated "
-        "before every product (implies a disk basis)",
+        help="keep the run resumable: basis and Lanczos state in OUT/checkpoint (one "
+        "rank<R> folder per rank under torchrun), updated before every product (implies a "
+        "disk basis)",
     )
     density.add_argument(
         "--resume",

@@ -1,7 +1,7 @@
 """torch.distributed helpers: each rank walks its shard of the data, products are summed.
 
 Under ``torchrun --nproc_per_node=N`` (or any launcher that sets up a process group, e.g.
-SLURM with ``torch.distributed.init_process_group``), every rank holds the same model, builds
+SLURM's ``srun``; docs/distributed.md), every rank holds the same model, builds
 the same operator on its own shard of the data and runs the same numerics: the operator sums
 its (k, n) product block and its sample count over ranks with one all-reduce per product
 (gloo on CPU, NCCL on GPU), so all ranks see bit-identical products and walk identical
@@ -36,14 +36,40 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT) derived from
+    SLURM's, for jobs started by ``srun`` with one task per GPU or process and no torchrun.
+
+    Returns {} when WORLD_SIZE is already set (torchrun) or SLURM runs a single task.
+    MASTER_ADDR must be exported by the job script (SLURM does not give it directly).
+    """
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    if not env.get("MASTER_ADDR"):
+        raise RuntimeError(
+            "running under srun with several tasks but MASTER_ADDR is not set: add "
+            "'export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)' "
+            "to the job script (see docs/distributed.md)"
+        )
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+    }
+
+
 def init_from_environment(backend: str | None = None) -> bool:
     """Join the process group a launcher describes (WORLD_SIZE, RANK, MASTER_ADDR, ...).
 
+    torchrun (and any launcher that sets torch.distributed's variables) works as is; a plain
+    ``srun`` with several tasks is read from SLURM's variables (:func:`slurm_environment`).
     Returns True when a group with more than one rank is in use afterwards; does nothing
     outside a launcher (WORLD_SIZE unset or 1).
     """
     if is_distributed():
         return True
+    os.environ.update(slurm_environment(dict(os.environ)))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if backend is None:

@@ -176,8 +176,10 @@ def lanczos(
             current = q if everyone else q[idx]
             previous = q_prev if everyone else q_prev[idx]
             w = apply_rows(op, current)
-            alpha = (w * current).sum(dim=1)
-            w -= alpha[:, None] * current + beta_prev[idx, None] * previous
+            # In place, without (k, n) temporaries: at large n these passes are memory-bound.
+            alpha = torch.linalg.vecdot(w, current, dim=1)
+            w.addcmul_(current, alpha[:, None], value=-1.0)
+            w.addcmul_(previous, beta_prev[idx, None], value=-1.0)
             # Full reorthogonalization against the probe's whole basis. A second pass runs
             # when the first removed a large share of w (the DGKS test ARPACK uses:
             # ||w_after|| < ||w_before|| / sqrt(2)); "twice is enough" then holds, and when
@@ -185,10 +187,11 @@ def lanczos(
             norm_before = w.norm(dim=1)
             for _ in range(2):
                 for _, chunk in store.read_chunks(step + 1, idx):
-                    coeffs = torch.einsum("skn,kn->sk", chunk, w)
-                    w -= torch.einsum("sk,skn->kn", coeffs, chunk)
-                del chunk  # do not hold a pass's last chunk while the next pass reads
-                beta = w.norm(dim=1)
+                    for p in range(chunk.shape[1]):  # one probe's rows (s, n), a strided view
+                        rows = chunk[:, p]
+                        w[p].addmv_(rows.T, torch.mv(rows, w[p]), alpha=-1.0)
+                del chunk, rows  # do not hold a pass's last chunk while the next pass reads
+                beta = torch.linalg.vector_norm(w, dim=1)
                 if not bool((beta < DGKS_ETA * norm_before).any()):
                     break
                 norm_before = beta

@@ -165,7 +165,8 @@ class DatasetCurvatureOperator(CurvatureOperator):
         """
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        rows = V.T.contiguous()
+        # The numerics hand over row-major blocks as transposed views (V = rows.T): no copy.
+        rows = V.T if V.T.is_contiguous() else V.T.contiguous()
         total = torch.zeros_like(rows)
         num_samples = 0
         with preserved_rng(), torch.enable_grad(), ieee_float32(not self.allow_tf32):
@@ -195,4 +196,5 @@ class DatasetCurvatureOperator(CurvatureOperator):
                 "before: the data source must give the same samples on every pass"
             )
         self.num_samples = num_samples
-        return total.div_(num_samples).T.contiguous()
+        # (n, k) view of the row-major result: apply_rows turns it back into rows for free.
+        return total.div_(num_samples).T
