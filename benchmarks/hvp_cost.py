@@ -10,7 +10,10 @@ the script times, in one process:
 - ``HVP``: one ``op.matvec``;
 - ``matmat(10) loop`` and ``matmat(10) batched``: one ``op.matmat`` of 10 vectors with
   ``matmat_mode="loop"`` and ``"batched"``;
-- ``10 x HVP``: 10 separate ``op.matvec`` calls.
+- ``10 x HVP``: 10 separate ``op.matvec`` calls;
+- ``HVP, kept graphs`` and ``matmat(10), kept graphs``: the same products with every batch's
+  gradient graph kept across products (``keep_graphs=True``; the default "auto" keeps those
+  that fit a memory budget). The rows above use ``keep_graphs=False``.
 
 Each alternative runs once untimed (warm-up; its results feed the sanity checks), then
 ``--repeats`` times with the order of the alternatives rotated from one repeat to the next. The
@@ -60,6 +63,8 @@ TARGETS: dict[str, tuple[float | None, str]] = {
     f"matmat({NUM_VECTORS}) loop": (24.0, "<= 24"),
     f"matmat({NUM_VECTORS}) batched": (24.0, "<= 24"),
     f"{NUM_VECTORS} x HVP": (None, "~30-33 (reference)"),
+    "HVP, kept graphs": (None, "~2 (no forward)"),
+    f"matmat({NUM_VECTORS}), kept graphs": (None, "~20"),
 }
 
 
@@ -207,10 +212,15 @@ def measure(
     case: Case, dtype: torch.dtype, repeats: int, clock: Callable[[], float]
 ) -> tuple[list[tuple], dict[str, float]]:
     """Table rows and sanity-check differences for one case."""
+    # keep_graphs=False: these rows measure a product that rebuilds each batch's graph; the
+    # "kept graphs" rows measure the default, where graphs that fit are kept across products.
     ops = {
-        mode: HessianOperator(case.model, F.cross_entropy, case.data, dtype=dtype, matmat_mode=mode)
+        mode: HessianOperator(
+            case.model, F.cross_entropy, case.data, dtype=dtype, matmat_mode=mode, keep_graphs=False
+        )
         for mode in ("loop", "batched")
     }
+    kept = HessianOperator(case.model, F.cross_entropy, case.data, dtype=dtype, keep_graphs=True)
     op = ops["loop"]
     generator = torch.Generator().manual_seed(0)
     V = torch.randn(op.num_params, NUM_VECTORS, generator=generator, dtype=dtype)
@@ -224,6 +234,8 @@ def measure(
         f"matmat({NUM_VECTORS}) loop": lambda: ops["loop"].matmat(V),
         f"matmat({NUM_VECTORS}) batched": lambda: ops["batched"].matmat(V),
         f"{NUM_VECTORS} x HVP": separate,
+        "HVP, kept graphs": lambda: kept.matvec(V[:, 0]),
+        f"matmat({NUM_VECTORS}), kept graphs": lambda: kept.matmat(V),
     }
     warm = {name: fn() for name, fn in alternatives.items()}  # warm-up, kept for the checks
     checks = {
@@ -232,6 +244,9 @@ def measure(
         ),
         "matmat loop vs 10 x HVP": relative_difference(
             warm[f"matmat({NUM_VECTORS}) loop"], warm[f"{NUM_VECTORS} x HVP"]
+        ),
+        "kept vs rebuilt graphs": relative_difference(
+            warm[f"matmat({NUM_VECTORS}), kept graphs"], warm[f"matmat({NUM_VECTORS}) loop"]
         ),
         "HVP vs matmat column 0": relative_difference(
             warm["HVP"], warm[f"matmat({NUM_VECTORS}) loop"][:, 0]
