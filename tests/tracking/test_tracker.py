@@ -227,6 +227,47 @@ def test_tracker_leaves_model_optimizer_and_rng_bit_identical(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_eval_mode_measures_a_dropout_model_and_restores_every_modules_mode(tmp_path):
+    """A model that trains with dropout has a random train-mode loss: the tracker refuses it,
+    unless eval_mode=True, which measures the eval-mode Hessian (the dense one, checked) and
+    hands every module its own mode back, mixed modes included."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(p=0.3), nn.Linear(6, 3))
+    model = model.double().train()
+    model[3].eval()  # a mixed-mode model
+    X, Y = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    data = [(X[:12], Y[:12]), (X[12:], Y[12:])]
+    loss_fn = nn.functional.mse_loss
+    modes = {name: m.training for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match="random in train mode"):
+        Tracker(tmp_path / "refused", loss_fn, data, "every:1", **FAST).step(0, model)
+    tracker = Tracker(tmp_path / "eval", loss_fn, data, "every:1", eval_mode=True, **FAST)
+    snapshot = tracker.step(0, model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+    reference = copy.deepcopy(model).eval()  # dropout off: the loss is deterministic
+    params = list(reference.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss_of(theta):
+        chunks, start = {}, 0
+        for name, p in reference.named_parameters():
+            chunks[name] = theta[start : start + p.numel()].reshape(p.shape)
+            start += p.numel()
+        return (
+            sum(
+                loss_fn(torch.func.functional_call(reference, chunks, (x,)), y) * len(x)
+                for x, y in data
+            )
+            / 20
+        )
+
+    H = torch.autograd.functional.hessian(loss_of, flat)
+    lam_max = float(torch.linalg.eigvalsh(H)[-1])
+    assert abs(snapshot.scalars["lambda_max"] - lam_max) <= 1e-8 * abs(lam_max)
+    assert load_run(tmp_path / "eval").config["eval_mode"] is True
+
+
 # --- measurements, log line, plug-ins ----------------------------------------------------------
 
 

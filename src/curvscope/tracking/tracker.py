@@ -183,6 +183,10 @@ class Tracker:
         save_vectors: Store the eigenvectors of "top" (n x k float64 per snapshot).
         operator_options: More keyword arguments of HessianOperator (``unpack_batch``,
             ``device``, ``matmat_mode``, ``check_determinism``).
+        eval_mode: Measure with every module in eval mode (dropout off, BatchNorm on its
+            running statistics), for models that train with dropout: their train-mode loss
+            is random, so its Hessian is refused. Each module's own mode is restored after
+            the snapshot. Default False: the model is measured in the mode it is in.
 
     Attributes:
         store: The :class:`RunStore`.
@@ -214,6 +218,7 @@ class Tracker:
         extra: Mapping[str, Any] | None = None,
         save_vectors: bool = False,
         operator_options: Mapping[str, Any] | None = None,
+        eval_mode: bool = False,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
@@ -232,6 +237,7 @@ class Tracker:
         self.progress = progress
         self.save_vectors = bool(save_vectors)
         self.operator_options = dict(operator_options or {})
+        self.eval_mode = bool(eval_mode)
         if self.top_k < 1 or self.density_iters < 1 or self.density_probes < 1:
             raise ValueError("top_k, density_iters and density_probes must be >= 1")
         self.config = {
@@ -248,6 +254,8 @@ class Tracker:
             "save_vectors": self.save_vectors,
             "extra": dict(extra or {}),
         }
+        if self.eval_mode:  # only when set, so runs written before the option still resume
+            self.config["eval_mode"] = True
         self.store = RunStore(run_dir, config=self.config, resume=resume)
         for problem in self.store.problems:
             logger.warning("resume: %s", problem)
@@ -303,7 +311,7 @@ class Tracker:
         results: dict[str, Any] = {}
         self.current = {}
         try:
-            with _preserved_random_state():
+            with _preserved_random_state(), _modes_restored(model, self.eval_mode):
                 op = HessianOperator(
                     model,
                     self.loss_fn,
@@ -451,6 +459,22 @@ def _resolve(
     if not resolved:
         raise ValueError("measurements is empty: name at least one, e.g. ('top',)")
     return resolved
+
+
+@contextlib.contextmanager
+def _modes_restored(model: nn.Module, to_eval: bool) -> Iterator[None]:
+    """Put every module in eval mode for the block (if ``to_eval``), then give each module
+    back its own training flag (a model may mix modes, e.g. a frozen BatchNorm)."""
+    if not to_eval:
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
