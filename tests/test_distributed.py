@@ -12,7 +12,10 @@ import torch.multiprocessing as mp
 from cases import make_case
 
 from curvscope import HessianOperator, spectral_density, top_eigenpairs
+from curvscope.analysis.overlap import full_gradient
 from curvscope.distributed import Shard, is_distributed, slurm_environment
+from curvscope.operators.class_structure import class_decomposition
+from curvscope.operators.ntk import ntk_trace
 
 
 def free_port() -> int:
@@ -62,6 +65,47 @@ def test_two_processes_match_one(tmp_path, case_name):
         scale = np.nanmax(np.abs(single[key]))
         assert np.nanmax(np.abs(ranks[0][key] - single[key])) <= 1e-10 * scale, key
     assert ranks[0]["num_samples"][0] == single["num_samples"][0] == 21
+
+
+def structure(model, loss_fn, data) -> dict[str, np.ndarray]:
+    """NTK trace (exact), the class terms of G applied to fixed vectors, the full gradient."""
+    ntk = ntk_trace(model, data, method="exact")
+    terms = class_decomposition(model, loss_fn, data, loss="cross_entropy")
+    V = torch.randn(
+        terms.ggn.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    return {
+        "ntk": np.array([ntk.value, ntk.num_samples, ntk.num_outputs]),
+        "class_means": terms.class_means.matmat(V).numpy(),
+        "cross_class": terms.cross_class.matmat(V).numpy(),
+        "within_class": terms.within_class.matmat(V).numpy(),
+        "counts": terms.class_counts.numpy(),
+        "gradient": full_gradient(terms.ggn).numpy(),
+    }
+
+
+def structure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        case = make_case("tanh_mlp_ce")
+        result = structure(case.model, case.loss_fn, Shard(case.batches))
+        np.savez(os.path.join(out_dir, f"structure{rank}.npz"), **result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ntk_trace_and_class_terms_on_two_processes_match_one(tmp_path):
+    mp.spawn(structure_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    case = make_case("tanh_mlp_ce")
+    single = structure(case.model, case.loss_fn, case.batches)
+    ranks = [dict(np.load(tmp_path / f"structure{r}.npz")) for r in range(2)]
+    for key, value in single.items():
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key])
+        scale = np.abs(value).max()
+        assert np.abs(ranks[0][key] - value).max() <= 1e-10 * scale, key
+    assert ranks[0]["ntk"][1] == 21  # the all-reduced sample count, not one rank's shard
 
 
 def test_shard_splits_batches_round_robin():

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum_, is_distributed
 from .data import Batch, UnpackBatch
 from .dataset import LossFn
 from .functional import ParamSpec, preserved_rng
@@ -157,7 +158,10 @@ def class_decomposition(
             sums.add_(ggn.backward([outputs], leaves, [cotangents], out=torch.empty_like(sums)))
             counts.add_(onehot.sum(dim=0))
     if sums is None or counts is None:
-        raise ValueError("data yielded no batches")
+        raise ValueError("data yielded no batches" + (" on this rank" if is_distributed() else ""))
+    if is_distributed():  # each rank walked its shard: sum the class sums over ranks
+        all_reduce_sum_(sums)
+        all_reduce_sum_(counts)
     if torch.any(counts == 0):
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"classes {missing} have no samples in the data: drop them or add data")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum_, is_distributed
 from .autodiff import RowBackward, resolve_mode
 from .data import Batch, DataSource, UnpackBatch
 from .functional import ModelFunction, ParamSpec, preserved_rng, random_modules
@@ -126,6 +127,16 @@ def ntk_trace(
                 samples = (rows * rows).sum(dim=1).cpu().numpy()
                 total += float(samples.mean())
                 variance += float(samples.var(ddof=1)) / num_probes
+    if is_distributed():  # each rank walked its shard: sum the sums over ranks
+        sums = torch.tensor(  # on the device: NCCL reduces only CUDA tensors
+            [total, variance, num_samples, num_outputs, float(num_samples > 0)],
+            dtype=torch.float64,
+            device=function.device,
+        )
+        all_reduce_sum_(sums)
+        total, variance, num_samples = float(sums[0]), float(sums[1]), int(sums[2])
+        # Every rank with batches saw the same output width; ranks with none saw 0.
+        num_outputs = round(float(sums[3]) / max(1.0, float(sums[4])))
     if num_samples == 0:
         raise ValueError(
             "data yielded no batches: pass a non-empty DataLoader or list of (inputs, targets)"
