@@ -71,3 +71,29 @@ def test_torchrun_two_processes_match_one(user_module, tmp_path):  # noqa: F811
     resumed = SpectralDensity.load(multi_out / "density")
     np.testing.assert_array_equal(resumed.nodes, multi.nodes)
     assert resumed.meta["resumed"] is True
+
+
+def test_torchrun_decompose_matches_one_process(user_module, tmp_path):  # noqa: F811
+    """curvscope decompose under torchrun: the H, G and H - G densities of one process,
+    written once by rank 0."""
+    single_out, multi_out = tmp_path / "single", tmp_path / "multi"
+    common = ["decompose", *PROBLEM, *QUIET, "--classes", "none", "--iters", "8", "--probes", "2"]
+    common += ["--threads", "1"]
+    assert main([*common, "--out", str(single_out)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user_module.parent), *sys.path])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*launch, "-m", "curvscope", *common, "--out", str(multi_out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("curvscope decompose:") == 1  # only rank 0 reports and writes
+    for term in ("hessian", "ggn", "residual"):
+        single = SpectralDensity.load(single_out / f"density_{term}")
+        multi = SpectralDensity.load(multi_out / f"density_{term}")
+        scale = np.nanmax(np.abs(single.nodes))
+        assert np.nanmax(np.abs(multi.nodes - single.nodes)) <= 1e-10 * scale, term
+        assert multi.meta["num_samples"] == single.meta["num_samples"] == 20

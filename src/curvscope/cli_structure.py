@@ -20,10 +20,14 @@ summary) and reuse its helpers. :func:`register` adds them to the ``curvscope`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import functools
+import io
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import cli
 from .cli import CLIError
+from .distributed import Shard, is_distributed, is_main_process
 from .linalg import Eigenpairs, SpectralDensity
 
 #: Terms of ``decompose``, in the order of the table and the figure.
@@ -151,6 +156,8 @@ def load_problem(args: argparse.Namespace, allow_params: bool = True) -> LoadedP
         data = cli.load_data(args.data)
     unpack = cli.load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     cli._check_params(model, args.params)
+    if is_distributed() and not cli._sharded_by_sampler(data):
+        data = Shard(data)  # every rank walks every world_size-th batch; sums all-reduced
     dtype = cli.DTYPES[args.dtype] if args.dtype else None
     return LoadedProblem(model, data, loss_fn, unpack, device, dtype, args.params, args)
 
@@ -366,6 +373,22 @@ def _class_kind(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _rank0_writes(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Under torchrun every rank computes the same numbers (products and class sums are
+    all-reduced); only rank 0 writes files and prints. The other ranks write into a temporary
+    folder, removed afterwards, and print nothing."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        if not is_distributed() or is_main_process():
+            return run(args)
+        with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
+            return run(argparse.Namespace(**{**vars(args), "out": scratch}))
+
+    return wrapped
+
+
+@_rank0_writes
 def run_decompose(args: argparse.Namespace) -> int:
     """``curvscope decompose``: densities of H, G, H - G and Papyan's class terms of G."""
     from .analysis import spectrum_structure
@@ -509,6 +532,7 @@ def _load_eigenpairs(spec: str) -> tuple[Eigenpairs, Path]:
     return pairs, path
 
 
+@_rank0_writes
 def run_overlap(args: argparse.Namespace) -> int:
     """``curvscope overlap``: gradient concentration in the top-k eigenspace."""
     from .analysis import full_gradient, gradient_overlap, subspace_overlap
@@ -620,6 +644,7 @@ def parse_groups(specs: Sequence[str] | None) -> dict[str, list[str]] | None:
     return groups
 
 
+@_rank0_writes
 def run_blocks(args: argparse.Namespace) -> int:
     """``curvscope blocks``: a density per layer (or group) of the diagonal curvature blocks."""
     from .analysis import block_spectra
