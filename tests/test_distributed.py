@@ -130,3 +130,49 @@ def test_slurm_variables_become_torch_distributed_ones():
     assert slurm_environment({}) == {}
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
         slurm_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+
+
+def tracker_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from curvscope.tracking import Tracker
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        case = make_case("tanh_mlp_ce")
+        tracker = Tracker(
+            os.path.join(out_dir, "run"),
+            case.loss_fn,
+            Shard(case.batches),
+            "every:1",
+            measurements=("top", "trace"),
+            trace_probes=12,
+            progress=False,
+        )
+        tracker.step(0, case.model)
+        tracker.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tracker_under_two_processes_writes_one_run_per_rank_with_the_single_numbers(tmp_path):
+    from curvscope.tracking import Tracker, load_run
+
+    mp.spawn(tracker_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    case = make_case("tanh_mlp_ce")
+    single = Tracker(
+        tmp_path / "single",
+        case.loss_fn,
+        case.batches,
+        "every:1",
+        measurements=("top", "trace"),
+        trace_probes=12,
+        progress=False,
+    )
+    single.step(0, case.model)
+    single.close()
+    expected = load_run(tmp_path / "single").scalars
+    for folder in ("run", "run.rank1"):  # rank 0 writes run_dir, rank 1 its own sibling
+        got = load_run(tmp_path / folder).scalars
+        for key in ("lambda_max", "trace"):
+            assert abs(got[key][0] - expected[key][0]) <= 1e-10 * abs(expected[key][0]), key

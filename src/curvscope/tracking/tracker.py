@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import is_distributed, rank
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
 from .schedule import Schedule
@@ -159,7 +160,9 @@ class Tracker:
     """Measure the Hessian of a model on a schedule during training and store the series.
 
     Args:
-        run_dir: Run folder (see :class:`~curvscope.tracking.store.RunStore`).
+        run_dir: Run folder (see :class:`~curvscope.tracking.store.RunStore`). Under
+            torch.distributed rank 0 writes it and rank R > 0 writes ``<run_dir>.rank<R>``
+            (the same numbers; data should be each rank's shard, e.g. ``Shard(batches)``).
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch.
         data: Re-iterable of batches (list or non-shuffling DataLoader) defining the loss
             whose Hessian is measured; the same every snapshot.
@@ -256,7 +259,7 @@ class Tracker:
         }
         if self.eval_mode:  # only when set, so runs written before the option still resume
             self.config["eval_mode"] = True
-        self.store = RunStore(run_dir, config=self.config, resume=resume)
+        self.store = RunStore(_rank_run_dir(run_dir), config=self.config, resume=resume)
         for problem in self.store.problems:
             logger.warning("resume: %s", problem)
         self.current: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -459,6 +462,19 @@ def _resolve(
     if not resolved:
         raise ValueError("measurements is empty: name at least one, e.g. ('top',)")
     return resolved
+
+
+def _rank_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir`` itself, or ``<run_dir>.rank<R>`` for ranks R > 0 of a process group.
+
+    Under torch.distributed every rank measures the same numbers (the products are
+    all-reduced), and every rank must take the same snapshots; each keeps its own crash-safe
+    store so that no two processes write one folder and each resumes on its own.
+    """
+    path = Path(run_dir)
+    if is_distributed() and rank() > 0:
+        return path.with_name(f"{path.name}.rank{rank()}")
+    return path
 
 
 @contextlib.contextmanager
