@@ -203,8 +203,9 @@ def main() -> None:
     print(
         f"a full density of {args.steps} steps x {k} probes: about {density:.0f} s "
         f"({density / 60:.1f} min) for {args.samples} images; kept graphs hold "
-        f"{kept.kept_graph_bytes / 2**30:.2f} GiB, the float64 basis {basis.numel() * 8 / 2**30:.2f} "
-        f"GiB (basis='disk' keeps it in a file); peak memory {peak_memory_gib(device):.2f} GiB"
+        f"{kept.kept_graph_bytes / 2**30:.2f} GiB, the float64 basis "
+        f"{basis.numel() * 8 / 2**30:.2f} GiB (basis='disk' keeps it in a file); peak memory "
+        f"{peak_memory_gib(device):.2f} GiB"
     )
 
 
