@@ -216,3 +216,21 @@ def test_ritz_values_lie_in_the_spectrum_and_breakdown_is_clean(
     assert nodes.min() >= values.min() - 1e-10 and nodes.max() <= values.max() + 1e-10
     np.testing.assert_allclose(density.weights.sum(axis=1), 1.0, atol=1e-12)
     assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_stop_callback_ends_the_run_early_with_the_same_recurrence(matrix):
+    """stop(alphas, betas, num_steps) after each step: True ends the run there, and the steps
+    taken equal the first steps of a full run."""
+    seen = []
+
+    def stop(alphas, betas, num_steps):
+        seen.append(num_steps.copy())
+        return int(num_steps.min()) >= 5
+
+    early = lanczos(matrix, 20, num_probes=2, seed=3, stop=stop)
+    full = lanczos(matrix, 20, num_probes=2, seed=3)
+    assert list(early.num_steps) == [5, 5]
+    assert [list(s) for s in seen] == [[j, j] for j in range(1, 6)]
+    np.testing.assert_array_equal(early.alphas[:, :5], full.alphas[:, :5])
+    np.testing.assert_array_equal(early.betas[:, :5], full.betas[:, :5])
+    assert not early.alphas[:, 5:].any()
