@@ -49,10 +49,13 @@ class Eigenpairs:
         values: Eigenvalues, shape (k,).
         vectors: Unit eigenvectors as columns, shape (n, k), float64 (numpy).
         residuals: Relative residuals ||A u - lambda u|| / max(|lambda|, ||A||_est), (k,);
-            ||A||_est is max |values|, or a 10-step Lanczos estimate of ||A|| when that
-            would leave a pair above ``tol`` ("smallest" of a singular matrix).
+            ||A||_est is a lower bound of ||A||: the largest |Ritz value| of the Lanczos
+            search (one pair), else max |values|, raised to a 10-step Lanczos estimate of
+            ||A|| when that would leave a pair above ``tol`` ("smallest" of a singular
+            matrix).
         converged: ``residuals <= tol``, shape (k,).
-        meta: which, tol, products used, seed, wall time, versions.
+        meta: method ("lanczos", "lanczos+arpack" or "arpack-irl"), which, tol, products
+            used, seed, wall time, versions.
     """
 
     values: np.ndarray
