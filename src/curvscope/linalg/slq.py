@@ -9,10 +9,14 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from ..resources import memory_share
 from ..results import environment_metadata
 from .density import SpectralDensity
 from .interface import LinearOperatorLike, as_operator, gaussian_rows
 from .lanczos import BasisKind, LanczosResult, lanczos
+
+#: Share of the device's available memory the default memory basis of a lockstep group may use.
+BASIS_SHARE = 0.25
 
 
 def gauss_quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +55,7 @@ def spectral_density(
     seed: int = 0,
     basis: BasisKind = "memory",
     basis_dir: str | os.PathLike[str] | None = None,
-    max_basis_bytes: int = 2 * 1024**3,
+    max_basis_bytes: int | None = None,
     progress: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -68,8 +72,10 @@ def spectral_density(
         basis: Where the Lanczos vectors live: "memory" or "disk" (a file read back in chunks).
         basis_dir: Folder of the disk basis (default: a temporary folder).
         max_basis_bytes: With the memory basis, probes run in lockstep groups small enough
-            that the group's float64 basis (m x group x n x 8 bytes) fits this budget; the
-            start vectors are drawn up front, so the grouping never changes the result.
+            that the group's float64 basis (m x group x n x 8 bytes) fits this budget
+            (default: a quarter of the memory available on the operator's device, at least
+            2 GiB where it cannot be read); the start vectors are drawn up front, so the
+            grouping never changes the result.
         progress: Show a progress bar over Lanczos steps.
         checkpoint_dir: Make the run resumable (see :func:`~curvscope.linalg.lanczos.lanczos`):
             all probes run in one lockstep group with their basis on disk in this folder.
@@ -90,7 +96,12 @@ def spectral_density(
     start_rows = gaussian_rows(num_probes, n, seed, op.device)
     group = num_probes
     if basis == "memory" and checkpoint_dir is None:
-        group = int(max(1, min(num_probes, max_basis_bytes // max(1, m * n * 8))))
+        budget = (
+            max_basis_bytes
+            if max_basis_bytes is not None
+            else memory_share(op.device, BASIS_SHARE, fallback=2 * 1024**3)
+        )
+        group = int(max(1, min(num_probes, budget // max(1, m * n * 8))))
     all_nodes, all_weights, all_steps = [], [], []
     for first in range(0, num_probes, group):
         result = lanczos(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import torch
 
+from ..resources import memory_share
 from .data import Batch, is_shuffling
 from .dataset import DatasetCurvatureOperator
 
@@ -128,31 +128,7 @@ class HessianOperator(DatasetCurvatureOperator):
 
 def default_graph_memory(device: torch.device) -> int:
     """A quarter of the memory available now on ``device`` (1 GiB where it can't be read)."""
-    available: int | None = None
-    if device.type == "cuda":
-        try:
-            available = torch.cuda.mem_get_info(device)[0]
-        except (RuntimeError, AssertionError):
-            available = None
-    elif device.type == "cpu":
-        available = _mem_available_cpu()
-    if available is None:
-        return 1 << 30
-    return int(AUTO_GRAPH_SHARE * available)
-
-
-def _mem_available_cpu() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return memory_share(device, AUTO_GRAPH_SHARE)
 
 
 class _SavedBytes:
