@@ -96,6 +96,20 @@ class DatasetCurvatureOperator(CurvatureOperator):
                         f"{again.item():.10g}): the forward pass is random (dropout?), which "
                         "makes the curvature random. Call model.eval() or remove the randomness"
                     )
+        if check_determinism and not is_shuffling(data):
+            # A second pass, from the same RNG state as every product's pass: random data
+            # augmentation that torch's RNG does not drive (numpy, random) shows up here.
+            with preserved_rng():
+                second = self.source.first()
+            if not _same_data(first.inputs, second.inputs) or not _same_data(
+                first.targets, second.targets
+            ):
+                raise ValueError(
+                    "batch 0 differs between two passes over the data (random augmentation "
+                    "in the dataset's transforms?): every product walks the data again, so "
+                    "the curvature would be random. Analyse a loader without random "
+                    "transforms, or a fixed list of batches"
+                )
 
     @property
     def matmat_mode(self) -> str:
@@ -198,3 +212,23 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.num_samples = num_samples
         # (n, k) view of the row-major result: apply_rows turns it back into rows for free.
         return total.div_(num_samples).T
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    """Equal tensors (values, shapes, dtypes) in the same nested structure."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_data(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable ==: do not refuse them
+        return True
