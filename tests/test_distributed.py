@@ -16,6 +16,7 @@ from curvscope.analysis.overlap import full_gradient
 from curvscope.distributed import Shard, is_distributed, slurm_environment
 from curvscope.operators.class_structure import class_decomposition
 from curvscope.operators.ntk import ntk_trace
+from curvscope.tracking import Tracker, load_run
 
 
 def free_port() -> int:
@@ -132,45 +133,35 @@ def test_slurm_variables_become_torch_distributed_ones():
         slurm_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
 
 
-def tracker_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from curvscope.tracking import Tracker
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        case = make_case("tanh_mlp_ce")
-        tracker = Tracker(
-            os.path.join(out_dir, "run"),
-            case.loss_fn,
-            Shard(case.batches),
-            "every:1",
-            measurements=("top", "trace"),
-            trace_probes=12,
-            progress=False,
-        )
-        tracker.step(0, case.model)
-        tracker.close()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_tracker_under_two_processes_writes_one_run_per_rank_with_the_single_numbers(tmp_path):
-    from curvscope.tracking import Tracker, load_run
-
-    mp.spawn(tracker_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+def track_one_snapshot(run_dir, data) -> None:
+    """One Tracker snapshot (top eigenvalue and trace) of the tanh MLP case on ``data``."""
     case = make_case("tanh_mlp_ce")
-    single = Tracker(
-        tmp_path / "single",
+    tracker = Tracker(
+        run_dir,
         case.loss_fn,
-        case.batches,
+        data,
         "every:1",
         measurements=("top", "trace"),
         trace_probes=12,
         progress=False,
     )
-    single.step(0, case.model)
-    single.close()
+    tracker.step(0, case.model)
+    tracker.close()
+
+
+def tracker_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        track_one_snapshot(os.path.join(out_dir, "run"), Shard(make_case("tanh_mlp_ce").batches))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tracker_under_two_processes_writes_one_run_per_rank_with_the_single_numbers(tmp_path):
+    mp.spawn(tracker_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    track_one_snapshot(tmp_path / "single", make_case("tanh_mlp_ce").batches)
     expected = load_run(tmp_path / "single").scalars
     for folder in ("run", "run.rank1"):  # rank 0 writes run_dir, rank 1 its own sibling
         got = load_run(tmp_path / folder).scalars
