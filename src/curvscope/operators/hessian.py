@@ -96,8 +96,14 @@ class HessianOperator(DatasetCurvatureOperator):
         if not measure:
             return self._gradient(batch, leaves, keep=self.keep_graphs is True)
         meter = _SavedBytes(leaves)
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, _unpack):
-            grads = self._gradient(batch, leaves, keep=False)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, _unpack):
+                grads = self._gradient(batch, leaves, keep=False)
+        except RuntimeError:
+            # Some operations refuse saved-tensor hooks: measure nothing, keep nothing (a
+            # genuine error in the model raises again here, without the hooks).
+            self._not_kept.add(batch.index)
+            return self._gradient(batch, leaves, keep=False)
         size = meter.bytes + sum(g.untyped_storage().nbytes() for g in grads)
         if self.kept_graph_bytes + size <= self.graph_memory:
             self._graphs[batch.index] = grads
