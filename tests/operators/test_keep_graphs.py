@@ -79,3 +79,24 @@ def test_keep_graphs_arguments_are_checked():
         HessianOperator(case.model, case.loss_fn, case.batches, keep_graphs="yes")
     with pytest.raises(ValueError, match="graph_memory must be >= 0"):
         HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=-1)
+
+
+def test_auto_falls_back_when_saved_tensor_hooks_are_refused(monkeypatch):
+    """An operation that refuses saved-tensor hooks (simulated here) leaves 'auto' with
+    nothing kept and exact products, instead of an error."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def refusing(pack, unpack):
+        raise RuntimeError("saved tensor hooks are not supported here")
+        yield
+
+    name = "tanh_mlp_ce"
+    case = make_case(name)
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", refusing)
+    op = HessianOperator(case.model, case.loss_fn, case.batches)
+    H = dense_hessian_of(name)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        assert rel_err(op.matmat(V), H @ V) <= 1e-10
+    assert not op._graphs and op.kept_graph_bytes == 0
