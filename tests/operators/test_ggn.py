@@ -59,3 +59,22 @@ def test_ggn_refuses_non_tensor_outputs():
     )
     with pytest.raises(TypeError, match="single tensor"):
         op.matvec(torch.zeros(op.num_params, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("operator", [GGNOperator, ResidualOperator])
+def test_kept_graphs_give_bit_identical_products(case_and_ggn, operator):
+    """G and H - G keep each batch's forward and output-space graph across products
+    ("auto", the default): products equal the rebuilt ones bit for bit, pass after pass."""
+    case, G = case_and_ggn
+    kept = operator(case.model, case.loss_fn, case.batches)
+    rebuilt = operator(case.model, case.loss_fn, case.batches, keep_graphs=False)
+    V = torch.randn(
+        kept.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    expected = rebuilt.matmat(V)
+    for _ in range(3):
+        assert torch.equal(kept.matmat(V), expected)
+    assert len(kept.graph_cache.graphs) == len(case.batches) and kept.kept_graph_bytes > 0
+    assert not rebuilt.graph_cache.graphs
+    reference = G if operator is GGNOperator else dense_hessian_of(case.name) - G
+    assert rel_err(expected, reference @ V) <= 1e-10

@@ -18,9 +18,9 @@ def test_kept_graphs_give_the_same_products():
         for _ in range(3):  # first pass builds the graphs, later passes reuse them
             assert rel_err(op.matmat(V), H @ V) <= 1e-10, name
             assert rel_err(op.matvec(V[:, 0]), H @ V[:, 0]) <= 1e-10, name
-        assert len(op._graphs) == len(case.batches)
+        assert len(op.graph_cache.graphs) == len(case.batches)
         op.release_graphs()
-        assert not op._graphs
+        assert not op.graph_cache.graphs
         assert rel_err(op.matmat(V), H @ V) <= 1e-10, name
 
 
@@ -34,25 +34,25 @@ def test_auto_keeps_the_batches_that_fit_the_budget():
     everything = HessianOperator(case.model, case.loss_fn, case.batches)
     assert everything.keep_graphs == "auto"
     assert rel_err(everything.matmat(V), H @ V) <= 1e-10
-    assert len(everything._graphs) == len(case.batches) >= 2
+    assert len(everything.graph_cache.graphs) == len(case.batches) >= 2
     sizes = everything.kept_graph_bytes
     assert sizes > 0
 
     nothing = HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=0)
     for _ in range(2):
         assert rel_err(nothing.matmat(V), H @ V) <= 1e-10
-    assert not nothing._graphs and nothing.kept_graph_bytes == 0
+    assert not nothing.graph_cache.graphs and nothing.kept_graph_bytes == 0
 
     # A budget for about one batch keeps some but not all, and the sum stays exact.
     per_batch = sizes // len(case.batches)
     some = HessianOperator(case.model, case.loss_fn, case.batches, graph_memory=per_batch + 64)
     for _ in range(2):
         assert rel_err(some.matmat(V), H @ V) <= 1e-10
-    assert 1 <= len(some._graphs) < len(case.batches)
+    assert 1 <= len(some.graph_cache.graphs) < len(case.batches)
     assert some.kept_graph_bytes <= per_batch + 64
 
     off = HessianOperator(case.model, case.loss_fn, case.batches, keep_graphs=False)
-    assert rel_err(off.matmat(V), H @ V) <= 1e-10 and not off._graphs
+    assert rel_err(off.matmat(V), H @ V) <= 1e-10 and not off.graph_cache.graphs
 
 
 def test_auto_keeps_nothing_for_a_shuffling_loader():
@@ -70,7 +70,7 @@ def test_auto_keeps_nothing_for_a_shuffling_loader():
     V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for _ in range(2):
         assert rel_err(op.matmat(V), H @ V) <= 1e-10
-    assert not op._graphs
+    assert not op.graph_cache.graphs
 
 
 def test_keep_graphs_arguments_are_checked():
@@ -99,4 +99,4 @@ def test_auto_falls_back_when_saved_tensor_hooks_are_refused(monkeypatch):
     V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     for _ in range(2):
         assert rel_err(op.matmat(V), H @ V) <= 1e-10
-    assert not op._graphs and op.kept_graph_bytes == 0
+    assert not op.graph_cache.graphs and op.kept_graph_bytes == 0

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum_, is_distributed
+from ..resources import memory_share
 from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
 from .data import Batch, DataSource, UnpackBatch, is_shuffling
@@ -25,6 +26,7 @@ from .functional import (
     preserved_rng,
     random_modules,
 )
+from .graph_cache import GraphCache, KeepGraphs
 from .precision import ieee_float32
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -47,6 +49,17 @@ class DatasetCurvatureOperator(CurvatureOperator):
             the retained graph), "batched" (one vmapped pass, ``is_grads_batched``) or "auto":
             loop on the CPU, where it measured faster (benchmarks/hvp_cost.py), batched
             elsewhere with a fallback to loop when an operation has no batching rule.
+        keep_graphs: Keep what a product builds for a batch before the vectors come in (its
+            activations and first backward), since the parameters never move during an
+            analysis: "auto" (default) keeps the graphs of the batches that fit in
+            ``graph_memory`` bytes, in data order, and rebuilds the others on every product;
+            True keeps every batch's; False none. Results are bit-identical either way.
+            With a shuffling ``DataLoader`` "auto" keeps nothing.
+        graph_memory: Budget of "auto" in bytes; default a quarter of the memory available
+            when the operator is built (``MemAvailable`` on the CPU, free device memory on
+            CUDA; 1 GiB where neither can be read). A graph's size is the storage of the
+            tensors autograd saves for it plus its roots, counted while it is built (the
+            parameters, which exist anyway, not counted).
         allow_tf32: Let products use the reduced float32 precision the user's backend
             settings allow (TF32 convolutions are PyTorch's default on recent GPUs, ~1e-3
             relative error). Default False: every product runs in full IEEE float32 (see
@@ -54,6 +67,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
 
     Attributes:
         num_samples: N, the samples seen by the last data pass (None before the first).
+        kept_graph_bytes: Bytes of the graphs kept now by "auto" (0 before the first product).
         num_params: n.
         param_names: Analysed parameter names in flat-vector order.
     """
@@ -69,6 +83,8 @@ class DatasetCurvatureOperator(CurvatureOperator):
         unpack_batch: UnpackBatch | None = None,
         check_determinism: bool = True,
         matmat_mode: MatmatMode = "auto",
+        keep_graphs: KeepGraphs = "auto",
+        graph_memory: int | None = None,
         allow_tf32: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -82,6 +98,13 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.source = DataSource(data, self.device, self.dtype, unpack_batch)
         self.num_samples: int | None = None
         self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
+        self.keep_graphs: KeepGraphs = keep_graphs
+        self.graph_cache = GraphCache(
+            keep_graphs,
+            int(graph_memory) if graph_memory is not None else default_graph_memory(self.device),
+            self.function.param_list(),
+            is_shuffling(data),
+        )
         self._refuse_randomness(model, data)
         with preserved_rng(), torch.enable_grad():
             # Inside preserved_rng: a DataLoader draws its base seed from the global RNG on
@@ -119,6 +142,19 @@ class DatasetCurvatureOperator(CurvatureOperator):
     @matmat_mode.setter
     def matmat_mode(self, mode: str) -> None:
         self.backward.mode = resolve_mode(mode, self.device)
+
+    @property
+    def graph_memory(self) -> int:
+        """Budget of ``keep_graphs="auto"`` in bytes."""
+        return self.graph_cache.budget
+
+    @property
+    def kept_graph_bytes(self) -> int:
+        return self.graph_cache.kept_bytes
+
+    def release_graphs(self) -> None:
+        """Free the kept graphs (they are rebuilt, and kept again, on next use)."""
+        self.graph_cache.clear()
 
     @property
     def num_params(self) -> int:
@@ -232,3 +268,12 @@ def _same_data(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # objects without a usable ==: do not refuse them
         return True
+
+
+#: Share of the memory available when an operator is built that "auto" lets kept graphs use.
+AUTO_GRAPH_SHARE = 0.25
+
+
+def default_graph_memory(device: torch.device) -> int:
+    """A quarter of the memory available now on ``device`` (1 GiB where it can't be read)."""
+    return memory_share(device, AUTO_GRAPH_SHARE)
