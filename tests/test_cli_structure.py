@@ -134,6 +134,32 @@ def test_decompose_writes_every_term_and_the_terms_add_up(tmp_path, user_module)
     assert "negative mass" in out and "outliers above the bulk" in out
 
 
+def test_decompose_honours_keep_graphs_and_it_changes_no_number(tmp_path, user_module, monkeypatch):
+    """--keep-graphs reaches every operator of decompose (H, G, H - G, the G of the class
+    terms); kept and rebuilt graphs give bit-identical densities."""
+    from curvscope.operators import dataset
+
+    modes = []
+
+    class RecordingCache(dataset.GraphCache):
+        def __init__(self, mode, *rest):
+            modes.append(mode)
+            super().__init__(mode, *rest)
+
+    monkeypatch.setattr(dataset, "GraphCache", RecordingCache)
+    nodes = {}
+    for choice, mode in (("none", False), ("auto", "auto")):
+        out = tmp_path / choice
+        args = ["--keep-graphs", choice, "--allow-tf32", "--out", str(out)]
+        modes.clear()
+        code, _, err = run("decompose", *PROBLEM, *TINY, *args)
+        assert code == 0, err
+        assert len(modes) >= 3 and set(modes) == {mode}
+        nodes[choice] = {t: SpectralDensity.load(out / f"density_{t}").nodes for t in TERMS}
+    for name in TERMS:
+        np.testing.assert_array_equal(nodes["none"][name], nodes["auto"][name], err_msg=name)
+
+
 def test_decompose_mse_with_integer_targets_and_custom_loss(tmp_path, user_module):
     # The CLI's mse one-hot encodes integer targets; the class split gets one-hot targets too.
     code, out, err = run(

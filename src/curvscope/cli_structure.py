@@ -110,6 +110,8 @@ class LoadedProblem:
             "dtype": self.dtype,
             "device": self.device,
             "unpack_batch": self.unpack,
+            "keep_graphs": cli.KEEP_GRAPHS[getattr(self.args, "keep_graphs", "auto")],
+            "allow_tf32": getattr(self.args, "allow_tf32", False),
         }
         if with_params:
             options["params"] = self.params

@@ -122,17 +122,26 @@ def class_decomposition(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     unpack_batch: UnpackBatch | None = None,
+    **operator_options: Any,
 ) -> ClassDecomposition:
     """Build G and its class-means, cross-class and within-class terms (Papyan 2019).
 
     Costs one data pass with C^2 backward passes per batch (the delta_{c,c'}), and keeps
     C^2 vectors of length n. Arguments as :class:`GGNOperator`, plus ``loss``: the kind of
-    ``loss_fn`` ("cross_entropy" with integer targets, or "mse" with one-hot targets).
+    ``loss_fn`` ("cross_entropy" with integer targets, or "mse" with one-hot targets), and
+    ``operator_options`` for the Gauss-Newton operator (``keep_graphs``, ``allow_tf32``, ...).
     """
     if loss not in ("cross_entropy", "mse"):
         raise ValueError(f"loss must be 'cross_entropy' or 'mse', not {loss!r}")
     ggn = GGNOperator(
-        model, loss_fn, data, params=params, dtype=dtype, device=device, unpack_batch=unpack_batch
+        model,
+        loss_fn,
+        data,
+        params=params,
+        dtype=dtype,
+        device=device,
+        unpack_batch=unpack_batch,
+        **operator_options,
     )
     function = ggn.function
     leaves = function.param_list()
