@@ -856,7 +856,12 @@ def run_track(args: argparse.Namespace) -> int:
         "num_samples": training.num_samples,
         "seed": args.seed,
     }
-    options = {"unpack_batch": unpack} if unpack is not None else {}
+    options: dict[str, Any] = {
+        "keep_graphs": KEEP_GRAPHS[args.keep_graphs],
+        "allow_tf32": args.allow_tf32,
+    }
+    if unpack is not None:
+        options["unpack_batch"] = unpack
     if device is not None:
         options["device"] = device
     tracker = Tracker(

@@ -184,8 +184,9 @@ class Tracker:
         resume: Continue an existing run folder: steps already committed are skipped.
         extra: JSON-able user metadata stored in ``run.json`` (must match on resume).
         save_vectors: Store the eigenvectors of "top" (n x k float64 per snapshot).
-        operator_options: More keyword arguments of HessianOperator (``unpack_batch``,
-            ``device``, ``matmat_mode``, ``check_determinism``).
+        operator_options: More keyword arguments of HessianOperator (``keep_graphs``,
+            ``allow_tf32``, ``unpack_batch``, ``device``, ``matmat_mode``,
+            ``check_determinism``).
         eval_mode: Measure with every module in eval mode (dropout off, BatchNorm on its
             running statistics), for models that train with dropout: their train-mode loss
             is random, so its Hessian is refused. Each module's own mode is restored after
