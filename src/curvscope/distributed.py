@@ -87,6 +87,18 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_total_(total: torch.Tensor, num_samples: int) -> int:
+    """Sum a per-rank total (in place) and its sample count over ranks; returns the count.
+
+    Outside a process group ``total`` is left as it is and ``num_samples`` returned.
+    """
+    if not is_distributed():
+        return num_samples
+    count = torch.tensor([float(num_samples)], dtype=total.dtype, device=total.device)
+    all_reduce_sum_(total)
+    return int(all_reduce_sum_(count).item())
+
+
 class Shard:
     """Every ``world_size``-th batch of ``data`` starting at ``rank``: a re-iterable view.
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distributed import all_reduce_sum_, is_distributed
+from ..distributed import all_reduce_total_
 from ..linalg import Eigenpairs, top_eigenpairs
 from ..linalg.eigs import Which
 from ..linalg.interface import LinearOperatorLike, as_operator
@@ -119,10 +119,7 @@ def full_gradient(op: Any) -> torch.Tensor:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
             total.add_(op.function.join([g.detach() for g in grads]), alpha=float(batch.size))
             num_samples += batch.size
-    if is_distributed():  # each rank walked its shard: sum gradients and counts over ranks
-        count = torch.tensor([float(num_samples)], dtype=total.dtype, device=total.device)
-        all_reduce_sum_(total)
-        num_samples = int(all_reduce_sum_(count).item())
+    num_samples = all_reduce_total_(total, num_samples)  # each rank walked its shard
     if num_samples == 0:
         raise ValueError("data yielded no batches: the data source must be re-iterable")
     return total.div_(num_samples)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_sum_, is_distributed
+from ..distributed import all_reduce_total_
 from ..resources import memory_share
 from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
@@ -98,14 +98,14 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.source = DataSource(data, self.device, self.dtype, unpack_batch)
         self.num_samples: int | None = None
         self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
-        self.keep_graphs: KeepGraphs = keep_graphs
+        shuffling = is_shuffling(data)
         self.graph_cache = GraphCache(
             keep_graphs,
             int(graph_memory) if graph_memory is not None else default_graph_memory(self.device),
             self.function.param_list(),
-            is_shuffling(data),
+            shuffling,
         )
-        self._refuse_randomness(model, data)
+        self._refuse_randomness(model, shuffling)
         with preserved_rng(), torch.enable_grad():
             # Inside preserved_rng: a DataLoader draws its base seed from the global RNG on
             # every pass, shuffling or not.
@@ -119,7 +119,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
                         f"{again.item():.10g}): the forward pass is random (dropout?), which "
                         "makes the curvature random. Call model.eval() or remove the randomness"
                     )
-        if check_determinism and not is_shuffling(data):
+        if check_determinism and not shuffling:
             # A second pass, from the same RNG state as every product's pass: random data
             # augmentation that torch's RNG does not drive (numpy, random) shows up here.
             with preserved_rng():
@@ -142,6 +142,11 @@ class DatasetCurvatureOperator(CurvatureOperator):
     @matmat_mode.setter
     def matmat_mode(self, mode: str) -> None:
         self.backward.mode = resolve_mode(mode, self.device)
+
+    @property
+    def keep_graphs(self) -> KeepGraphs:
+        """ "auto", True or False (see the constructor)."""
+        return self.graph_cache.mode
 
     @property
     def graph_memory(self) -> int:
@@ -168,7 +173,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         """Flat vector (n,) -> {parameter name: tensor of that parameter's shape}."""
         return self.function.unflatten(v)
 
-    def _refuse_randomness(self, model: nn.Module, data: Iterable[Any]) -> None:
+    def _refuse_randomness(self, model: nn.Module, shuffling: bool) -> None:
         random = random_modules(model)
         if random:
             raise ValueError(
@@ -176,7 +181,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
                 "call model.eval() (BatchNorm layers keep using population statistics then), "
                 "or set their p=0 for the analysis"
             )
-        if is_shuffling(data) and batchnorm_in_train_mode(model):
+        if shuffling and batchnorm_in_train_mode(model):
             raise ValueError(
                 "BatchNorm in train mode makes each batch's composition part of the loss, and "
                 "this DataLoader shuffles, so every product would see another loss: pass a "
@@ -231,10 +236,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
                     )
                 total.add_(product, alpha=float(batch.size))
                 num_samples += batch.size
-        if is_distributed():  # each rank walked its shard: sum blocks and sample counts
-            count = torch.tensor([float(num_samples)], dtype=total.dtype, device=total.device)
-            all_reduce_sum_(total)
-            num_samples = int(all_reduce_sum_(count).item())
+        num_samples = all_reduce_total_(total, num_samples)  # each rank walked its shard
         if num_samples == 0:
             raise ValueError(
                 "data yielded no batches on this pass: the data source must be re-iterable "
