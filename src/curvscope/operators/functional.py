@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from .data import Batch, call_model
+from .kernels import has_recurrent_layers, twice_differentiable_kernels
 
 ParamSpec = Iterable[str | nn.Parameter | torch.Tensor] | None
 
@@ -147,12 +148,18 @@ class ModelFunction:
         self.shapes = [self.leaves[name].shape for name in self.names]
         self.numels = [self.leaves[name].numel() for name in self.names]
         self.num_params = sum(self.numels)
+        self.recurrent = has_recurrent_layers(model)
 
     def _cast(self, tensor: torch.Tensor) -> torch.dtype:
         return self.dtype if tensor.is_floating_point() else tensor.dtype
 
     def outputs(self, batch: Batch, leaves: dict[str, torch.Tensor] | None = None) -> object:
-        """Model outputs on ``batch`` at the frozen parameters (or at ``leaves``)."""
+        """Model outputs on ``batch`` at the frozen parameters (or at ``leaves``).
+
+        The forward runs with kernels that autograd can differentiate twice (attention on
+        the MATH backend, recurrent layers without cuDNN/oneDNN: :mod:`.kernels`); the
+        user's backend settings are restored when it returns.
+        """
         state = {**self.constants, **(leaves or self.leaves)}
         # Fresh buffer copies per batch: BatchNorm in train mode writes its running stats.
         state.update({name: b.clone() for name, b in self.buffers.items()})
@@ -160,7 +167,8 @@ class ModelFunction:
         def model_fn(*args: object, **kwargs: object) -> object:
             return functional_call(self.model, state, args, kwargs)
 
-        return call_model(model_fn, batch.inputs)
+        with twice_differentiable_kernels(self.recurrent):
+            return call_model(model_fn, batch.inputs)
 
     def param_list(self) -> list[torch.Tensor]:
         """The analysed leaf tensors, in flat-vector order."""

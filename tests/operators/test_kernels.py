@@ -1,0 +1,135 @@
+"""Products choose kernels that autograd can differentiate twice, and give the settings back.
+
+Attention through ``F.scaled_dot_product_attention`` picks a CPU flash kernel whose backward
+has no derivative; the operators must run it on the MATH backend by themselves.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import dense_hessian, rel_err
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvscope import HessianOperator
+from curvscope.operators import GGNOperator, ResidualOperator
+from curvscope.operators.kernels import twice_differentiable_kernels
+
+
+def sdpa_switches() -> tuple[bool, ...]:
+    backends = torch.backends.cuda
+    return (
+        backends.flash_sdp_enabled(),
+        backends.mem_efficient_sdp_enabled(),
+        backends.math_sdp_enabled(),
+        backends.cudnn_sdp_enabled(),
+    )
+
+
+def rnn_switches() -> tuple[bool, bool]:
+    return torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.seen: list[tuple[bool, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(sdpa_switches() + rnn_switches())
+        return self.head(self.layer(x).mean(dim=1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+        self.seen: list[tuple[bool, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(sdpa_switches() + rnn_switches())
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def attention_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(4, 5, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+        for _ in range(2)
+    ]
+
+
+def test_the_fused_cpu_attention_kernel_has_no_double_backward():
+    """Guards the premise: without the switch, the default kernel fails a Hessian product
+    (if a future torch implements it, this test says the switch is no longer needed)."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    x, y = attention_data()[0]
+    loss = F.cross_entropy(model(x.double()), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(sum(g.sum() for g in grads), list(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_products_equal_the_dense_math_backend_hessian(dtype):
+    torch.manual_seed(0)
+    model = Encoder()
+    data = attention_data()
+    with sdpa_kernel(SDPBackend.MATH):
+        H = dense_hessian(model, F.cross_entropy, data)
+    user = sdpa_switches()
+    op = HessianOperator(model, F.cross_entropy, data, dtype=dtype)
+    V = torch.randn(
+        op.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    got = op.matmat(V.to(dtype)).to(torch.float64)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_err(got, H @ V) <= tolerance
+    assert sdpa_switches() == user
+    # every forward of the products saw MATH only, and cuDNN/oneDNN left alone (no RNN here)
+    assert model.seen and all(seen[:4] == (False, False, True, False) for seen in model.seen)
+    assert all(seen[4:] == rnn_switches() for seen in model.seen)
+
+
+def test_ggn_and_residual_of_attention_add_up_to_the_hessian():
+    torch.manual_seed(0)
+    model = Encoder()
+    data = attention_data()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    H = HessianOperator(model, F.cross_entropy, data).matmat(V)
+    G = GGNOperator(model, F.cross_entropy, data).matmat(V)
+    R = ResidualOperator(model, F.cross_entropy, data).matmat(V)
+    assert rel_err(G + R, H) <= 1e-10
+
+
+def test_the_users_attention_choice_is_restored_also_when_the_forward_raises():
+    before = sdpa_switches()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        user = sdpa_switches()
+        with pytest.raises(KeyError), twice_differentiable_kernels(recurrent=True):
+            assert sdpa_switches() == (False, False, True, False)
+            assert rnn_switches() == (False, False)
+            raise KeyError("boom")
+        assert sdpa_switches() == user
+    assert sdpa_switches() == before
+    assert rnn_switches() == (torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recurrent_models_run_without_cudnn_and_onednn_and_restore_them(dtype):
+    torch.manual_seed(0)
+    model = Recurrent()
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(5, 6, 3, generator=generator), torch.tensor([0, 1, 2, 0, 1]))]
+    H = dense_hessian(model, F.cross_entropy, data)
+    user = rnn_switches()
+    op = HessianOperator(model, F.cross_entropy, data, dtype=dtype)
+    V = torch.randn(op.num_params, 2, dtype=torch.float64, generator=generator)
+    got = op.matmat(V.to(dtype)).to(torch.float64)
+    assert rel_err(got, H @ V) <= (1e-10 if dtype == torch.float64 else 1e-4)
+    assert rnn_switches() == user
+    assert model.seen and all(seen[4:] == (False, False) for seen in model.seen)
