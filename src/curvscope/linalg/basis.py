@@ -101,7 +101,10 @@ class DiskBasis:
             raise ValueError(f"{self.path} does not hold a basis of shape {self.shape}")
         os.ftruncate(self.fd, size)
         self.chunk_steps = max(1, min(num_steps, chunk_bytes // (k * n * 8)))
-        self._buffer: np.ndarray | None = None
+        # torch allocates with a fixed (64-byte) alignment, numpy at the heap's whim: BLAS
+        # kernels (MKL) pick code paths by alignment, so the reorthogonalization reads the
+        # basis into torch memory to do the same arithmetic in every process (see lanczos).
+        self._buffer: torch.Tensor | None = None
 
     def _offset(self, step: int, probe: int = 0) -> int:
         _, k, n = self.shape
@@ -136,31 +139,31 @@ class DiskBasis:
         _, k, n = self.shape
         index = probes.cpu().numpy()
         if self._buffer is None:
-            self._buffer = np.empty((self.chunk_steps, k, n))
+            self._buffer = torch.empty((self.chunk_steps, k, n), dtype=torch.float64)
         every = np.array_equal(index, np.arange(k))
         for start in range(0, stop, self.chunk_steps):
             steps = min(stop, start + self.chunk_steps) - start
             block = self._buffer[:steps, : len(index)]
             if every:
-                self._pread(block, self._offset(start))  # one contiguous read
+                self._pread(block.numpy(), self._offset(start))  # one contiguous read
             else:
                 for s in range(steps):
                     for j, probe in enumerate(index):
-                        self._pread(block[s, j], self._offset(start + s, int(probe)))
-            yield start, torch.from_numpy(block).to(self.device)
+                        self._pread(block[s, j].numpy(), self._offset(start + s, int(probe)))
+            yield start, block.to(self.device)
 
     def vectors(self, probe: int, stop: int) -> torch.Tensor:
         """Basis of one probe as rows (stop, n)."""
-        out = np.empty((stop, self.shape[2]))
+        out = torch.empty((stop, self.shape[2]), dtype=torch.float64)
         for step in range(stop):
-            self._pread(out[step], self._offset(step, probe))
-        return torch.from_numpy(out).to(self.device)
+            self._pread(out[step].numpy(), self._offset(step, probe))
+        return out.to(self.device)
 
     def vectors_at(self, step: int) -> torch.Tensor:
         """All probes' vectors of one step, (k, n)."""
-        out = np.empty(self.shape[1:])
-        self._pread(out, self._offset(step))
-        return torch.from_numpy(out).to(self.device)
+        out = torch.empty(self.shape[1:], dtype=torch.float64)
+        self._pread(out.numpy(), self._offset(step))
+        return out.to(self.device)
 
     def close(self) -> None:
         if self.fd >= 0:

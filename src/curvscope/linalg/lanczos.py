@@ -97,8 +97,15 @@ def lanczos(
             refers to are flushed. A run killed at any moment loses at most the product in
             flight.
         resume: Continue from the state in ``checkpoint_dir`` (the same operator, m and
-            start vectors are required; the start vectors' norms are compared). The result
-            equals that of an uninterrupted run.
+            start vectors are required; the start vectors' norms are compared). The saved
+            recurrence and basis are restored exactly, and every step after the resume runs
+            the same arithmetic on the same memory layouts as an uninterrupted run (rows kept
+            contiguous, basis chunks read into torch's 64-byte-aligned memory): the result
+            equals the uninterrupted run's bit for bit when the operator's products are a
+            function of their inputs' values (curvscope's operators and ``DenseOperator``
+            are, on one machine with one thread count). A resume on another CPU or with
+            another thread count runs other BLAS kernels, which round differently: the
+            numbers then agree to rounding (tests/linalg/test_resume.py).
         stop: Optional ``stop(alphas, betas, num_steps) -> bool`` called after every step
             with the (k, m) recurrence arrays so far (read-only views); True ends the run
             there (an early exit, e.g. once the wanted Ritz values have converged).

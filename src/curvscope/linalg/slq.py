@@ -80,7 +80,9 @@ def spectral_density(
         checkpoint_dir: Make the run resumable (see :func:`~curvscope.linalg.lanczos.lanczos`):
             all probes run in one lockstep group with their basis on disk in this folder.
         resume: Continue the run checkpointed in ``checkpoint_dir``; the result equals an
-            uninterrupted checkpointed run's, bit for bit.
+            uninterrupted checkpointed run's bit for bit when the resumed process computes
+            the same products (same machine, thread count and operator), and to rounding
+            otherwise (see :func:`~curvscope.linalg.lanczos.lanczos`).
 
     Returns:
         :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape (num_probes, m).
