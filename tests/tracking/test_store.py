@@ -275,3 +275,44 @@ def test_run_series_table_and_missing_values(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a curvscope run folder"):
         load_run(tmp_path)
     assert os.path.exists(run_dir / "run.json")
+
+
+def test_a_run_without_committed_snapshots_is_replaced_by_a_new_run(tmp_path):
+    """run.json, an empty index and a killed writer's temporary folder hold no data: a new run
+    replaces them (and says so); any committed snapshot, or another file, still refuses."""
+    run_dir = tmp_path / "run"
+    RunStore(run_dir, config={"lr": 0.1}).close()
+    leftover = run_dir / "snapshots" / f"{TMP_PREFIX}step_00000000-123-abcd"
+    leftover.mkdir()
+    (leftover / "scalars.json").write_text("{")
+    (run_dir / INDEX_FILE).touch()
+    with RunStore(run_dir, config={"lr": 0.2}) as store:
+        assert [Path(p.path).name for p in store.problems] == ["run.json"]
+        assert "never committed a snapshot" in store.problems[0].reason
+        assert store.config == {"lr": 0.2} and store.completed_steps == set()
+        assert list((run_dir / "snapshots").iterdir()) == []
+        write_steps(store, [0])
+    run = load_run(run_dir)
+    assert run.config == {"lr": 0.2} and run.steps.tolist() == [0] and run.problems == []
+    with pytest.raises(FileExistsError, match="resume=True"):
+        RunStore(run_dir, config={"lr": 0.2})
+
+    other = tmp_path / "other"
+    RunStore(other, config={}).close()
+    (other / "notes.txt").write_text("mine")  # not the store's: never deleted
+    with pytest.raises(FileExistsError, match="resume=True"):
+        RunStore(other, config={})
+    assert (other / "notes.txt").exists()
+    holder = RunStore(tmp_path / "held", config={})  # an open writer keeps its folder
+    with pytest.raises(RuntimeError, match="another writer"):
+        RunStore(tmp_path / "held", config={})
+    holder.close()
+    assert (tmp_path / "held" / "run.json").exists()
+
+
+def test_snapshot_notes_round_trip(tmp_path):
+    with RunStore(tmp_path / "run", config={}) as store:
+        store.write_snapshot(0, {"a": 1.0}, notes={"m": {"status": "skipped", "reason": "why"}})
+        store.write_snapshot(1, {"a": 2.0})
+    run = load_run(tmp_path / "run")
+    assert run.notes == {0: {"m": {"status": "skipped", "reason": "why"}}}

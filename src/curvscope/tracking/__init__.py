@@ -9,12 +9,19 @@ from . import measurements as _measurements  # noqa: F401  (registers stability,
 from .callbacks import HuggingFaceTracker, LightningTracker
 from .schedule import Schedule
 from .store import Problem, Run, RunStore, load_run
-from .tracker import MEASUREMENTS, Snapshot, Tracker, register_measurement
+from .tracker import (
+    MEASUREMENTS,
+    MeasurementSkipped,
+    Snapshot,
+    Tracker,
+    register_measurement,
+)
 
 __all__ = [
     "MEASUREMENTS",
     "HuggingFaceTracker",
     "LightningTracker",
+    "MeasurementSkipped",
     "Problem",
     "Run",
     "RunStore",

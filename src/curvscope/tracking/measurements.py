@@ -4,7 +4,8 @@ stochastic edge of SGD. Registered on import of :mod:`curvscope.tracking`.
 - "stability": the optimizer's sharpness (lambda_max(H) for SGD/heavy-ball/Nesterov, the
   preconditioned lambda_max(M^1/2 H M^1/2) for Adam/AdamW) against its threshold, read from
   the optimizer's own param_groups and state (:mod:`curvscope.analysis.stability`). Reuses
-  "top"'s lambda_max when listed before it (SGD family).
+  "top"'s lambda_max when listed before it (SGD family). Skipped (not failed) for Adam/AdamW
+  before the optimizer's first step, when Adam has no second-moment state yet.
 - "ntk": Hutchinson estimate of tr(J J^T) over the tracker's data (10 Rademacher probes per
   batch; ``extra={"ntk_method": "exact"}`` for the exact trace on small problems).
 - "stochastic_edge": K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) of
@@ -23,10 +24,16 @@ from ..analysis.stability import edge_distance, sharpness, stability_threshold
 from ..analysis.stochastic_edge import stochastic_edge_from_density
 from ..operators.ntk import ntk_trace
 from ..operators.update import optimizer_config
-from .tracker import register_measurement
+from .tracker import MeasurementSkipped, register_measurement
 
 
 def _need(tracker: Any, name: str, for_what: str) -> Any:
+    """What measurement ``name`` returned at this snapshot, for ``for_what`` that needs it."""
+    note = tracker.current_notes.get(name)
+    if note is not None:
+        raise MeasurementSkipped(
+            f"it needs {name!r}, which was {note['status']} at this snapshot ({note['reason']})"
+        )
     if name not in tracker.current:
         raise ValueError(f"measurement {for_what!r} needs {name!r} listed before it")
     return tracker.current[name]
@@ -39,6 +46,12 @@ def measure_stability(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
         raise ValueError("the 'stability' measurement needs tracker.step(..., optimizer=...)")
     named = dict(model.named_parameters())
     config = optimizer_config(optimizer, [named[name] for name in op.param_names])
+    if config.method == "adam" and config.v_hat is None:
+        raise MeasurementSkipped(
+            f"{config.optimizer} has no second-moment state (exp_avg_sq) before its first "
+            "optimizer.step(), so its preconditioned sharpness is not defined yet; it is "
+            "measured from the first snapshot after a step"
+        )
     if config.method != "adam" and "top" in tracker.current:
         value = tracker.current["top"][0]["lambda_max"]
     else:

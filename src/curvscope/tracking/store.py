@@ -174,11 +174,14 @@ class RunStore:
         config: JSON-able settings of the run (measurements, schedule, seeds, user extras),
             written once into ``run.json``. On resume it must equal the stored config, so a
             series never mixes settings; ``None`` on resume accepts the stored config.
-        resume: False: the folder must not hold a run yet. True: continue the run there
-            (or start one when there is none): completed snapshots are kept and listed in
-            :attr:`completed_steps`, a killed writer's temporary folders are reported in
-            :attr:`problems` and removed, a torn last index line is ended with a newline, and
-            index lines missing for committed snapshots are appended again.
+        resume: False: the folder must not hold a run with a committed snapshot yet; a run
+            whose writer stopped before its first commit (``run.json``, an empty index and at
+            most temporary snapshot folders) holds no data, so it is replaced (and reported in
+            :attr:`problems`). True: continue the run there (or start one when there is none):
+            completed snapshots are kept and listed in :attr:`completed_steps`, a killed
+            writer's temporary folders are reported in :attr:`problems` and removed, a torn
+            last index line is ended with a newline, and index lines missing for committed
+            snapshots are appended again.
         lock: Hold an exclusive lock on ``run.lock`` while open, so two writers never
             interleave in one folder (released by the OS if the process dies).
 
@@ -204,10 +207,13 @@ class RunStore:
         run_file = self.path / RUN_FILE
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"{self.path} is a file: a run store needs a folder")
-        if run_file.exists() and not resume:
+        # A run.json without any committed snapshot (its writer stopped before the first
+        # commit) holds no data: a fresh run replaces it instead of being refused.
+        replace_empty = run_file.exists() and not resume and self._holds_no_snapshot()
+        if run_file.exists() and not resume and not replace_empty:
             raise FileExistsError(
-                f"{self.path} already holds a run: pass resume=True to continue it, or choose "
-                "a new folder"
+                f"{self.path} already holds a run with committed snapshots: pass resume=True to "
+                "continue it, or choose a new folder"
             )
         if not run_file.exists() and self.path.exists() and any(self.path.iterdir()):
             raise FileExistsError(
@@ -219,6 +225,8 @@ class RunStore:
         if lock:
             self._acquire_lock()
         try:
+            if replace_empty:
+                self._clear_empty_run()
             if run_file.exists():
                 self.config = self._check_config(run_file, config)
                 self._recover()
@@ -240,6 +248,49 @@ class RunStore:
             raise
 
     # -- set-up ---------------------------------------------------------------------------
+
+    def _holds_no_snapshot(self) -> bool:
+        """True when the folder holds only a run's skeleton: ``run.json``, the lock, an empty
+        (or no) index and no snapshot folder but a killed writer's temporary ones.
+
+        Damaged or set-aside snapshot folders, index lines and any other file count as data,
+        so such a folder is still refused without ``resume=True``.
+        """
+        known = {RUN_FILE, LOCK_FILE, INDEX_FILE, SNAPSHOTS}
+        if any(entry.name not in known for entry in self.path.iterdir()):
+            return False
+        if self.index_path.exists() and self.index_path.stat().st_size > 0:
+            return False
+        if self.snapshots_dir.exists():
+            if not self.snapshots_dir.is_dir():
+                return False
+            for entry in self.snapshots_dir.iterdir():
+                if not (entry.name.startswith(TMP_PREFIX) and entry.is_dir()):
+                    return False
+        return True
+
+    def _clear_empty_run(self) -> None:
+        """Remove a run that never committed a snapshot (under the lock), so a new one starts.
+
+        Checked again under the lock: a writer that committed in between makes it a run again.
+        """
+        if not self._holds_no_snapshot():
+            raise FileExistsError(
+                f"{self.path} received a snapshot while this store was opening: pass "
+                "resume=True to continue it, or choose a new folder"
+            )
+        for entry in sorted(self.snapshots_dir.iterdir()):
+            shutil.rmtree(entry, ignore_errors=True)
+        self.index_path.unlink(missing_ok=True)
+        (self.path / RUN_FILE).unlink()
+        _fsync_dir(self.path)
+        self.problems.append(
+            Problem(
+                str(self.path / RUN_FILE),
+                "a run that never committed a snapshot (its writer stopped before the first "
+                "one); replaced by this new run",
+            )
+        )
 
     def _acquire_lock(self) -> None:
         try:
@@ -327,6 +378,7 @@ class RunStore:
         step: int,
         scalars: Mapping[str, Any],
         results: Mapping[str, Any] | None = None,
+        notes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Path:
         """Commit one snapshot atomically.
 
@@ -336,6 +388,9 @@ class RunStore:
             results: Result objects by name; each is written with its own ``save(path)``
                 (``SpectralDensity``, ``Eigenpairs``, ``TraceEstimate``) or, for a mapping of
                 numpy arrays, with :func:`curvscope.results.save_result` as ``name.npz``.
+            notes: JSON-able notes by measurement name, kept in the snapshot's manifest and
+                read back as :attr:`Run.notes`; the Tracker stores ``{"status": "skipped" |
+                "failed", "reason": "..."}`` for a measurement that recorded nothing.
 
         Returns:
             The committed snapshot folder.
@@ -353,6 +408,7 @@ class RunStore:
             raise ValueError("'step' is set by the store: remove it from the scalars")
         row = {"step": step, **{name: _as_scalar(name, v) for name, v in scalars.items()}}
         results = dict(results or {})
+        notes = _normalise(dict(notes or {}))
         for name in results:
             if not _NAME.match(name) or name in ("scalars", "manifest"):
                 raise ValueError(
@@ -381,6 +437,8 @@ class RunStore:
                 "results": entries,
                 "files": files,
             }
+            if notes:
+                manifest["notes"] = notes
             _write_json_atomic(tmp / MANIFEST, manifest)
             _fsync_dir(tmp)
             os.replace(tmp, final)  # the commit point: atomic rename of the whole folder
@@ -591,6 +649,9 @@ class Run:
         config: The run's settings from ``run.json``; ``meta`` holds all of ``run.json``.
         steps: Committed, readable snapshot steps, sorted, shape (S,), int64.
         scalars: name -> float64 array of shape (S,), NaN where a snapshot lacks the name.
+        notes: step -> {measurement name: note} for the snapshots that carry notes; a
+            Tracker's note is ``{"status": "skipped" | "failed", "reason": "..."}`` for a
+            measurement that recorded nothing at that step (its scalars are NaN there).
         problems: Every bad, partial or unexpected file, with its path and reason.
     """
 
@@ -609,6 +670,11 @@ class Run:
         self.scalars = {
             name: np.array([_float(row.get(name)) for row in self._rows], dtype=np.float64)
             for name in names
+        }
+        self.notes: dict[int, dict[str, Any]] = {
+            int(step): dict(self._manifests[int(step)]["notes"])
+            for step in self.steps
+            if self._manifests[int(step)].get("notes")
         }
 
     @property

@@ -35,7 +35,10 @@ the snapshot folder. Other modules add measurements without editing this file::
     Tracker(..., measurements=("top", "ntk"))
 
 A callable may also be passed directly in ``measurements`` (its ``__name__`` is its name), or a
-``(name, callable)`` pair.
+``(name, callable)`` pair. A measurement that cannot be taken at some snapshot (Adam's
+preconditioned sharpness before the optimizer's first step) raises :class:`MeasurementSkipped`
+with the reason; the snapshot is then recorded without its scalars, with the reason in its notes
+(see "Failures" in :class:`Tracker`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from torch import nn
 from ..distributed import is_distributed, rank
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
+from ..operators.functional import random_modules
 from .schedule import Schedule
 from .store import RunStore, _as_scalar
 
@@ -68,6 +72,20 @@ Measurement = Callable[
 
 #: Registry of measurements by name; add entries with :func:`register_measurement`.
 MEASUREMENTS: dict[str, Measurement] = {}
+
+#: Key of the operator build among the things that have worked once (no measurement name).
+_OPERATOR = "<operator>"
+
+
+class MeasurementSkipped(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a measurement that cannot be taken at this snapshot, with the reason.
+
+    Not an error: the Tracker records the snapshot without the measurement's scalars, stores
+    ``{"status": "skipped", "reason": str(exception)}`` in the snapshot's notes
+    (:attr:`Snapshot.notes`, :attr:`~curvscope.tracking.store.Run.notes`) and logs a warning.
+    Example: Adam's preconditioned sharpness before the optimizer's first step, when Adam
+    has no second-moment state yet.
+    """
 
 
 def register_measurement(name: str, fn: Measurement | None = None, replace: bool = False) -> Any:
@@ -138,6 +156,24 @@ def measure_density(op: HessianOperator, model: nn.Module, optimizer: Any, track
 # The tracker
 
 
+class _Current(dict[str, tuple[dict[str, Any], dict[str, Any]]]):
+    """``tracker.current``: name -> (scalars, results); looking up a measurement that was
+    skipped or failed at this snapshot raises :class:`MeasurementSkipped`, so a measurement
+    that needs it is skipped with the reason instead of failing with a ``KeyError``."""
+
+    def __init__(self, notes: Mapping[str, Mapping[str, str]]) -> None:
+        super().__init__()
+        self.notes = notes
+
+    def __missing__(self, name: str) -> Any:
+        note = self.notes.get(name)
+        if note is None:
+            raise KeyError(name)
+        raise MeasurementSkipped(
+            f"it needs {name!r}, which was {note['status']} at this snapshot ({note['reason']})"
+        )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What one due :meth:`Tracker.step` measured and committed.
@@ -148,12 +184,15 @@ class Snapshot:
         results: Result objects by name ("top" -> Eigenpairs, "trace" -> TraceEstimate,
             "density" -> SpectralDensity, ...).
         path: The committed snapshot folder.
+        notes: Measurement name -> ``{"status": "skipped" | "failed", "reason": ...}`` for the
+            measurements that recorded nothing at this step (empty when all did).
     """
 
     step: int
     scalars: dict[str, float]
     results: dict[str, Any] = field(repr=False)
     path: Path
+    notes: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class Tracker:
@@ -192,9 +231,33 @@ class Tracker:
             is random, so its Hessian is refused. Each module's own mode is restored after
             the snapshot. Default False: the model is measured in the mode it is in.
 
+    Failures (one measurement never ends a training run, a mistake shows at once):
+
+    - A measurement that raises :class:`MeasurementSkipped` (e.g. "stability" with Adam
+      before its first step) is left out of that snapshot: a warning is logged and the
+      reason is stored as the snapshot's note ``{"status": "skipped", "reason": ...}``.
+    - A measurement that raises any other ``Exception`` *before it has once succeeded in
+      this Tracker* propagates: a bad ``loss_fn``, a missing optimizer, a misspelt setting
+      or a bug in a plug-in shows at the first snapshot (usually step 0), before training
+      time is spent. The same holds for building the Hessian operator (e.g. a model with
+      dropout in train mode without ``eval_mode=True``) until it has been built once.
+    - After that, an ``Exception`` (a numerical failure, out of memory, a later change of
+      the model) is recorded instead: the snapshot is written with the other measurements,
+      the failed one's note is ``{"status": "failed", "reason": "<Type>: <message>"}``, and
+      the error is logged with its traceback. If the operator itself cannot be built, every
+      measurement is recorded as failed and the user's scalars are still written.
+    - Under torch.distributed failures always propagate: a rank that stopped in the middle
+      of a measurement would leave the ranks' collective operations mismatched.
+    - ``KeyboardInterrupt`` and other non-``Exception`` errors always propagate.
+
+    A measurement that needs another one (``tracker.current``) is skipped when that one was
+    skipped or failed at the snapshot.
+
     Attributes:
         store: The :class:`RunStore`.
         current: During a snapshot, name -> (scalars, results) of the measurements done so far.
+        current_notes: During a snapshot, name -> note of the measurements skipped or failed
+            so far.
         last: The last :class:`Snapshot` written in this session (None before).
     """
 
@@ -262,10 +325,12 @@ class Tracker:
             self.config["eval_mode"] = True
         self.store = RunStore(_rank_run_dir(run_dir), config=self.config, resume=resume)
         for problem in self.store.problems:
-            logger.warning("resume: %s", problem)
+            logger.warning("run folder: %s", problem)
         self.current: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.current_notes: dict[str, dict[str, str]] = {}
         self.last: Snapshot | None = None
         self._written: set[int] = set()
+        self._succeeded: set[str] = set()  # measurements (and _OPERATOR) that worked once
 
     @property
     def run_dir(self) -> Path:
@@ -313,34 +378,17 @@ class Tracker:
         if optimizer is not None:
             row["lr"] = _read_lr(optimizer)
         results: dict[str, Any] = {}
-        self.current = {}
+        notes: dict[str, dict[str, str]] = {}
+        self.current, self.current_notes = _Current(notes), notes
         try:
             with _preserved_random_state(), _modes_restored(model, self.eval_mode):
-                op = HessianOperator(
-                    model,
-                    self.loss_fn,
-                    self.data,
-                    params=self.params,
-                    dtype=self.dtype,
-                    **self.operator_options,
-                )
-                row["num_params"] = op.shape[0]
-                for name, measure in self.measurements.items():
-                    begun = time.perf_counter()
-                    values, files = measure(op, model, optimizer, self)
-                    values, files = dict(values), dict(files)
-                    row[f"time_{name}_s"] = time.perf_counter() - begun
-                    for key, value in values.items():
-                        if key in row:
-                            raise ValueError(f"measurement {name!r} repeats the scalar {key!r}")
-                        row[key] = value
-                    for key, value in files.items():
-                        if key in results:
-                            raise ValueError(f"measurement {name!r} repeats the result {key!r}")
-                        results[key] = value
-                    self.current[name] = (values, files)
+                op = self._build_operator(step, model, notes)
+                if op is not None:
+                    row["num_params"] = op.shape[0]
+                    for name, measure in self.measurements.items():
+                        self._measure(step, name, measure, op, model, optimizer, row, results)
         finally:
-            self.current = {}
+            self.current, self.current_notes = {}, {}
         for key, value in user.items():
             if key in row or key == "step":
                 raise ValueError(
@@ -349,15 +397,127 @@ class Tracker:
             row[key] = value
         row["time_total_s"] = time.perf_counter() - started
         row["unix_time"] = time.time()
-        path = self.store.write_snapshot(step, row, results)
+        path = self.store.write_snapshot(step, row, results, notes=notes)
         self._written.add(step)
         written = {name: _plain(value) for name, value in row.items()}
-        self.last = Snapshot(step, written, results, path)
+        self.last = Snapshot(step, written, results, path, notes)
         self._report(self.last)
         return self.last
 
+    def _build_operator(
+        self, step: int, model: nn.Module, notes: dict[str, dict[str, str]]
+    ) -> HessianOperator | None:
+        """The snapshot's Hessian operator; None (every measurement noted as failed) when it
+        cannot be built at a later snapshot (see "Failures" in the class docstring)."""
+        try:
+            try:
+                op = HessianOperator(
+                    model,
+                    self.loss_fn,
+                    self.data,
+                    params=self.params,
+                    dtype=self.dtype,
+                    **self.operator_options,
+                )
+            except ValueError as error:
+                raise self._tracker_advice(model, error) from error
+        except Exception as error:
+            if not self._may_record(_OPERATOR, step, error):
+                raise
+            reason = f"the Hessian operator could not be built: {_reason(error)}"
+            logger.error("step %d: %s (recorded; training goes on)", step, reason, exc_info=error)
+            for name in self.measurements:
+                notes[name] = {"status": "failed", "reason": reason}
+            return None
+        self._succeeded.add(_OPERATOR)
+        return op
+
+    def _tracker_advice(self, model: nn.Module, error: ValueError) -> ValueError:
+        """The operator's refusal of a random (train-mode) model, with the Tracker's remedy."""
+        if self.eval_mode:
+            return error
+        random = random_modules(model)
+        if random:
+            return ValueError(
+                f"modules {random} are random in train mode, which makes the curvature random: "
+                "pass Tracker(..., eval_mode=True) to measure every snapshot in eval mode "
+                "(dropout off, BatchNorm on its running statistics; each module gets its own "
+                "mode back after the snapshot, so training is unchanged), or set their p=0"
+            )
+        if "model.eval()" in str(error):
+            return ValueError(
+                f"{error} (in a Tracker, rather than calling model.eval(), pass "
+                "Tracker(..., eval_mode=True): it measures in eval mode and gives every module "
+                "its own mode back after each snapshot)"
+            )
+        return error
+
+    def _measure(
+        self,
+        step: int,
+        name: str,
+        measure: Measurement,
+        op: HessianOperator,
+        model: nn.Module,
+        optimizer: Any,
+        row: dict[str, Any],
+        results: dict[str, Any],
+    ) -> None:
+        """Run one measurement into ``row`` and ``results``, or note why it recorded nothing."""
+        notes = self.current_notes
+        begun = time.perf_counter()
+        try:
+            values, files = measure(op, model, optimizer, self)
+            values, files = dict(values), dict(files)
+            for key in values:
+                if key in row:
+                    raise ValueError(f"measurement {name!r} repeats the scalar {key!r}")
+            for key in files:
+                if key in results:
+                    raise ValueError(f"measurement {name!r} repeats the result {key!r}")
+        except MeasurementSkipped as skip:
+            notes[name] = {"status": "skipped", "reason": str(skip)}
+            logger.warning("step %d: measurement %r skipped: %s", step, name, skip)
+            return
+        except Exception as error:
+            if not self._may_record(name, step, error):
+                raise
+            notes[name] = {"status": "failed", "reason": _reason(error)}
+            logger.error(
+                "step %d: measurement %r failed (recorded; training goes on): %s",
+                step,
+                name,
+                _reason(error),
+                exc_info=error,
+            )
+            return
+        finally:
+            row[f"time_{name}_s"] = time.perf_counter() - begun
+        self._succeeded.add(name)
+        row.update(values)
+        results.update(files)
+        self.current[name] = (values, files)
+
+    def _may_record(self, name: str, step: int, error: Exception) -> bool:
+        """Whether ``error`` of ``name`` is recorded (True) or must propagate (False)."""
+        if name in self._succeeded and not is_distributed():
+            return True
+        what = "the Hessian operator" if name == _OPERATOR else f"measurement {name!r}"
+        if name not in self._succeeded:
+            error.add_note(
+                f"curvscope: {what} failed at step {step} before it had once succeeded in this "
+                "Tracker, so the error is raised (later failures are recorded in the "
+                "snapshot's notes and training goes on)"
+            )
+        else:
+            error.add_note(
+                f"curvscope: {what} failed at step {step}; under torch.distributed a failure "
+                "is raised, since the ranks' collective operations would no longer match"
+            )
+        return False
+
     def _report(self, snapshot: Snapshot) -> None:
-        line = format_line(snapshot.step, snapshot.scalars)
+        line = format_line(snapshot.step, snapshot.scalars, snapshot.notes)
         logger.info(line)
         if self.progress:
             try:
@@ -384,8 +544,14 @@ class Tracker:
         )
 
 
-def format_line(step: int, scalars: Mapping[str, Any]) -> str:
-    """ "step 120  loss 0.41  lambda_max 3.21  trace 45.1 ± 0.8  (2.1 s)"."""
+def format_line(
+    step: int, scalars: Mapping[str, Any], notes: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """One progress line of a snapshot.
+
+    ``step 120  loss 0.41  lambda_max 3.21  trace 45.1 ± 0.8  (2.1 s)``. Measurements with a
+    note are listed at the end: "[skipped: stability]", "[failed: trace]".
+    """
     parts = [f"step {step}"]
     if "loss" in scalars:
         parts.append(f"loss {_fmt(scalars['loss'])}")
@@ -399,7 +565,16 @@ def format_line(step: int, scalars: Mapping[str, Any]) -> str:
         parts.append(f"neg mass {_fmt(scalars['density_negative_mass'])}")
     if "time_total_s" in scalars:
         parts.append(f"({scalars['time_total_s']:.2f} s)")
+    for status in ("skipped", "failed"):
+        names = [name for name, note in (notes or {}).items() if note.get("status") == status]
+        if names:
+            parts.append(f"[{status}: {', '.join(names)}]")
     return "  ".join(parts)
+
+
+def _reason(error: BaseException) -> str:
+    """``"<Type>: <message>"`` of an exception, for a snapshot's note."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _fmt(value: Any) -> str:
