@@ -3,6 +3,7 @@ error that says what to fix (each test asserts on a fragment of that advice)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -177,6 +178,29 @@ def test_empty_batch(mlp):
 def test_non_scalar_loss(mlp):
     with raises(ValueError, "reduction='mean'"):
         HessianOperator(mlp.model, nn.CrossEntropyLoss(reduction="none"), mlp.batches)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(reduction="sum"),
+        functools.partial(F.cross_entropy, reduction="sum"),
+    ],
+    ids=["module", "partial"],
+)
+def test_summed_loss_is_refused(mlp, loss_fn):
+    """A summed batch loss would silently give the Hessian of sum_b |b| L_b / N."""
+    with raises(ValueError, "curvscope needs each batch's mean loss"):
+        HessianOperator(mlp.model, loss_fn, mlp.batches)
+
+
+def test_mean_loss_modules_are_accepted(mlp):
+    H = HessianOperator(mlp.model, nn.CrossEntropyLoss(), mlp.batches)
+    F_ = HessianOperator(
+        mlp.model, functools.partial(F.cross_entropy, reduction="mean"), mlp.batches
+    )
+    v = torch.ones(mlp.num_params, dtype=torch.float64)
+    assert torch.equal(H @ v, F_ @ v)
 
 
 def test_loss_that_is_not_a_tensor(mlp):

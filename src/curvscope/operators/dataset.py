@@ -7,6 +7,7 @@ exact), checks inputs and results, and keeps the model untouched.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -91,6 +92,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
+        refuse_non_mean_reduction(loss_fn)
         self.function = ModelFunction(model, params=params, dtype=dtype, device=device)
         super().__init__(self.function.num_params, self.function.dtype, self.function.device)
         self.loss_fn = loss_fn
@@ -250,6 +252,32 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.num_samples = num_samples
         # (n, k) view of the row-major result: apply_rows turns it back into rows for free.
         return total.div_(num_samples).T
+
+
+def refuse_non_mean_reduction(loss_fn: Any) -> None:
+    """Refuse a loss whose declared reduction is not the batch mean.
+
+    The operators weight each batch's loss by its size to form the mean loss over the data,
+    so ``loss_fn`` must return the batch *mean*. A sum (``nn.CrossEntropyLoss(reduction=
+    "sum")``, ``functools.partial(F.cross_entropy, reduction="sum")``) would silently give
+    the Hessian of sum_b |b| L_b / N, not of the mean loss. What can be seen is checked: a
+    ``reduction`` attribute of a loss module, or a ``reduction`` keyword bound by
+    ``functools.partial``; a plain function that sums is not detectable.
+    """
+    reduction = getattr(loss_fn, "reduction", None)
+    where = f"{type(loss_fn).__name__}(reduction={reduction!r})"
+    if reduction is None and isinstance(loss_fn, functools.partial):
+        reduction = loss_fn.keywords.get("reduction")
+        where = f"functools.partial(..., reduction={reduction!r})"
+    if reduction is None or reduction in ("mean", "elementwise_mean"):
+        return
+    if reduction in ("sum", "none"):
+        raise ValueError(
+            f"loss_fn is {where}: curvscope needs each batch's mean loss (it weights batches "
+            "by their size to form the mean loss over all samples, whose Hessian it measures). "
+            "Use reduction='mean'; for the Hessian of the summed loss over N samples, "
+            "multiply the results (eigenvalues, trace) by N"
+        )
 
 
 def _same_data(a: Any, b: Any) -> bool:
