@@ -280,7 +280,7 @@ def test_density_structure_flag_prints_and_saves_the_structure(tmp_path, user_mo
                 "--classes",
                 "mse",
             ],
-            "outputs of shape (batch, C)",
+            "regression (float) targets have no classes",
         ),
         (["decompose", "--classes", "hinge"], "invalid choice"),
         (["decompose", "--gap-factor", "0"], "must be positive"),

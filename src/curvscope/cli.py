@@ -197,6 +197,163 @@ def load_loss(spec: str) -> Callable[[Any, Any], torch.Tensor]:
     return obj
 
 
+# --------------------------------------------------------------------------- data messages
+
+#: Import paths of the built-in data that --data defaults to (density/top/..., and track).
+BUILTIN_DATA = (DEFAULT_DATA, "curvscope.zoo:digits_subset")
+#: The default models, which are built for that data.
+BUILTIN_MODELS = (DEFAULT_MODEL, "curvscope.zoo:digits_mlp")
+
+
+def _given_on_command_line(args: argparse.Namespace, option: str) -> bool:
+    return any(t == option or t.startswith(option + "=") for t in getattr(args, "argv", []))
+
+
+def _on_default_data(args: argparse.Namespace) -> bool:
+    """A model of the user's (--model given) on the built-in digits, --data not given."""
+    return (
+        args.model not in BUILTIN_MODELS
+        and args.data in BUILTIN_DATA
+        and not _given_on_command_line(args, "--data")
+    )
+
+
+def _first_batch(data: Any) -> Any:
+    """The first raw batch of ``data``; raises whatever walking the data raises."""
+    for batch in data:
+        return batch
+    raise ValueError("the data yielded no batches")
+
+
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _describe_tensors(obj: Any) -> str:
+    """``float32 (256, 64)`` for a tensor, ``{'x': uint8 (16, 8)}`` for a dict, and so on."""
+    if isinstance(obj, torch.Tensor):
+        return f"{str(obj.dtype).replace('torch.', '')} {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe_tensors(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (tuple, list)):
+        return "(" + ", ".join(_describe_tensors(v) for v in obj) + ")"
+    return type(obj).__name__
+
+
+def describe_data(data: Any) -> str:
+    """Samples, batches and batch 0's tensors of a list of (inputs, targets) pairs.
+
+    Example: ``1,797 samples in 8 batches; batch 0: inputs float32 (256, 64), targets int64
+    (256,)``. Only for the built-in data (a list): other data is not walked for a message.
+    """
+    from .operators.data import first_tensor
+
+    batches = list(data) if isinstance(data, (list, tuple)) else []
+    if not batches or not all(_is_pair(b) for b in batches):
+        return "batches of the built-in data"
+    sizes = [first_tensor(b[1]) for b in batches]
+    counted = ""
+    if all(t is not None and t.ndim > 0 for t in sizes):
+        counted = f"{sum(int(t.shape[0]) for t in sizes):,} samples in {len(batches)} batches; "
+    inputs, targets = batches[0]
+    return (
+        f"{counted}batch 0: inputs {_describe_tensors(inputs)}, targets "
+        f"{_describe_tensors(targets)}"
+    )
+
+
+def remember_data(args: argparse.Namespace, data: Any, unpack: Callable[[Any], Any] | None) -> None:
+    """Keep the loaded data on ``args`` for :func:`explain_failure`, and say on stderr when a
+    model of the user's gets the built-in digits because --data was not given."""
+    args.loaded_data = (data, unpack)
+    if _on_default_data(args) and not args.model.startswith("curvscope.zoo:") and is_main_process():
+        print(
+            f"{PROG}: note: --data not given: --model {args.model} gets the built-in digits "
+            f"data {args.data} ({describe_data(data)}); pass your model's own data with "
+            "--data MODULE:FACTORY",
+            file=sys.stderr,
+        )
+
+
+def _raised_outside_curvscope(error: BaseException) -> bool:
+    """True when the innermost frame of the error is not curvscope's (torch, the model, the
+    loss): not one of curvscope's own checks."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    package = Path(__file__).resolve().parent
+    return package not in Path(frames[-1].filename).resolve().parents
+
+
+def _uint8_tensors(obj: Any, where: str = "inputs") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every uint8 tensor in a (nested) tensor, tuple, list or dict."""
+    if isinstance(obj, torch.Tensor):
+        return [(where, obj)] if obj.dtype == torch.uint8 else []
+    if isinstance(obj, dict):
+        items = [(f"{where}[{key!r}]", value) for key, value in obj.items()]
+    elif isinstance(obj, (tuple, list)):
+        items = [(f"{where}[{i}]", value) for i, value in enumerate(obj)]
+    else:
+        return []
+    return [found for name, value in items for found in _uint8_tensors(value, name)]
+
+
+def explain_failure(error: BaseException, args: argparse.Namespace) -> CLIError | None:
+    """A command-line explanation of a failure caused by the data, or None.
+
+    Looks at batch 0 of the data loaded by :func:`remember_data` (after the failure only) for
+    three mistakes: a batch that is not an (inputs, targets) pair without --unpack-batch,
+    uint8 inputs (image bytes), and a model of the user's fed the built-in digits because
+    --data was not given. The last two only explain errors raised by torch, the model or the
+    loss, not by curvscope's own checks.
+    """
+    loaded = getattr(args, "loaded_data", None)
+    if loaded is None or isinstance(error, CLIError):
+        return None
+    from .operators.data import default_unpack
+
+    data, unpack = loaded
+    try:
+        batch = _first_batch(data)
+    except Exception:
+        return None
+    failure = f"{type(error).__name__}: {_one_line(error)}"
+    if unpack is None and not _is_pair(batch):
+        if isinstance(error, ValueError) and "unpack_batch" in str(error):
+            size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            return CLIError(
+                f"--data {args.data}: a batch is a {type(batch).__name__}{size}, not an "
+                "(inputs, targets) pair: pass --unpack-batch MODULE:FN, a function fn(batch) "
+                "-> (inputs, targets) (inputs may be a tensor, a tuple of positional inputs or "
+                "a dict of keyword inputs)"
+            )
+        return None
+    if not _raised_outside_curvscope(error):
+        return None
+    try:
+        inputs, _ = (unpack or default_unpack)(batch)
+    except Exception:
+        return None
+    found = _uint8_tensors(inputs)
+    if found:
+        name, tensor = found[0]
+        place = f"the data factory (--data {args.data})"
+        if args.unpack_batch:
+            place += f" or in --unpack-batch {args.unpack_batch}"
+        return CLIError(
+            f"the model failed on uint8 inputs (batch 0's {name} are uint8 of shape "
+            f"{tuple(tensor.shape)}): {failure}. Convert the inputs to floating point in "
+            f"{place}, e.g. x.float() / 255 for 0-255 pixel values"
+        )
+    if _on_default_data(args):
+        return CLIError(
+            f"--model {args.model} failed on the built-in digits data that --data defaults to "
+            f"({args.data}: {describe_data(data)}): {failure}. Pass your model's own data with "
+            "--data MODULE:FACTORY"
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- the problem
 
 
@@ -274,6 +431,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, nn.Module, Any, Any
         data = load_data(args.data)
     unpack = load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     _check_params(model, args.params)
+    remember_data(args, data, unpack)
     return device, loss_fn, model, data, unpack
 
 
@@ -1428,6 +1586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
@@ -1443,6 +1602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if debug:
             traceback.print_exc()
+        if args is not None:
+            error = explain_failure(error, args) or error
         user = isinstance(error, USER_ERRORS)
         message = _one_line(error)
         if not user:

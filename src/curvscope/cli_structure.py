@@ -158,6 +158,7 @@ def load_problem(args: argparse.Namespace, allow_params: bool = True) -> LoadedP
         data = cli.load_data(args.data)
     unpack = cli.load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     cli._check_params(model, args.params)
+    cli.remember_data(args, data, unpack)
     if is_distributed() and not cli._sharded_by_sampler(data):
         data = Shard(data)  # every rank walks every world_size-th batch; sums all-reduced
     dtype = cli.DTYPES[args.dtype] if args.dtype else None
@@ -372,6 +373,32 @@ def _class_kind(args: argparse.Namespace) -> str:
     return args.loss if args.loss in CLASS_LOSSES else "none"
 
 
+def _class_targets(targets: Any) -> bool:
+    """Whether targets name classes: integer labels of shape (B,), or one-hot rows (B, C)."""
+    if not isinstance(targets, torch.Tensor):
+        return False
+    if not targets.is_floating_point():
+        return targets.ndim == 1
+    if targets.ndim != 2 or targets.shape[1] < 2:
+        return False
+    binary = bool(((targets == 0) | (targets == 1)).all())
+    return binary and bool((targets.sum(dim=1) == 1).all())
+
+
+def _regression_targets(problem: LoadedProblem) -> str | None:
+    """``float32 (B, k)`` when batch 0's targets are not class labels, else None."""
+    from .operators.data import default_unpack
+
+    try:
+        batch = cli._first_batch(problem.data)
+        _, targets = (problem.unpack or default_unpack)(batch)
+    except Exception:
+        return None  # the operators report a data problem themselves
+    if _class_targets(targets):
+        return None
+    return cli._describe_tensors(targets)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -402,6 +429,24 @@ def run_decompose(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     problem = load_problem(args)
     kind = _class_kind(args)
+    regression = _regression_targets(problem) if kind != "none" else None
+    if regression is not None:
+        what = (
+            f"the targets are not class labels (batch 0: {regression}): regression (float) "
+            "targets have no classes, so G has no class terms"
+        )
+        if args.classes != "auto":
+            raise CLIError(
+                f"--classes {kind}: {what}; pass --classes none for the H, G and H - G split, "
+                "or integer class labels (or one-hot targets) for G's class terms"
+            )
+        if is_main_process():
+            print(
+                f"{cli.PROG}: note: {what}: splitting H into G and H - G only (--classes none); "
+                "integer class labels (or one-hot targets) give G's class terms",
+                file=sys.stderr,
+            )
+        kind = "none"
     hessian = problem.operator(HessianOperator)
     operators: dict[str, Any] = {"hessian": hessian}
     decomposition = None
@@ -418,13 +463,19 @@ def run_decompose(args: argparse.Namespace) -> int:
         unpack = problem.unpack
         if kind == "mse":
             unpack = _one_hot_unpack(problem.unpack, classes)
-        decomposition = class_decomposition(
-            problem.model,
-            problem.loss_fn,
-            problem.data,
-            loss=kind,  # type: ignore[arg-type]
-            **{**problem.options(), "unpack_batch": unpack},
-        )
+        try:
+            decomposition = class_decomposition(
+                problem.model,
+                problem.loss_fn,
+                problem.data,
+                loss=kind,  # type: ignore[arg-type]
+                **{**problem.options(), "unpack_batch": unpack},
+            )
+        except ValueError as error:
+            raise CLIError(
+                f"{cli._one_line(error)} (or pass --classes none for the H, G and H - G split "
+                "alone)"
+            ) from error
         operators["ggn"] = decomposition.ggn
         operators["residual"] = problem.operator(ResidualOperator, unpack_batch=unpack)
         terms = decomposition.terms()
