@@ -6,9 +6,14 @@ install when it is missing. Each callback takes the :class:`~curvscope.tracking.
 arguments (run folder, loss, data, schedule, measurements, ...) and creates the tracker when
 training begins, on the global rank 0 process only (other ranks measure nothing).
 
+Step t is the model after t optimizer steps (``trainer.global_step``, ``state.global_step``):
+the first snapshot is taken when training starts, before any update (step 0, or the restored
+step of a resumed run), if the schedule has it; the others after each optimizer step.
+
 The trainers keep the model in train mode: a model with dropout must be measured without it
-(the Hessian of a random loss is random), so the Hessian operator refuses such a model; give
-the dropout layers p=0 or track a model without them.
+(the Hessian of a random loss is random), so the Hessian operator refuses such a model; pass
+``eval_mode=True`` (a :class:`~curvscope.tracking.Tracker` option) to measure each snapshot in
+eval mode, the model's own modes being restored afterwards.
 """
 
 from __future__ import annotations
@@ -75,16 +80,20 @@ class _TrackerOwner:
 class _LightningHooks(_TrackerOwner):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._start(bool(trainer.is_global_zero))
+        self._snapshot(trainer, pl_module, {})  # step 0 (or the resumed step): no update yet
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.tracker is None:
-            return
         scalars = {}
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None and getattr(loss, "numel", lambda: 0)() == 1:
             scalars["loss"] = loss
+        self._snapshot(trainer, pl_module, scalars)
+
+    def _snapshot(self, trainer: Any, pl_module: Any, scalars: dict[str, Any]) -> None:
+        if self.tracker is None:
+            return
         optimizers = getattr(trainer, "optimizers", None) or [None]
         snapshot = self.tracker.step(int(trainer.global_step), pl_module, optimizers[0], **scalars)
         if snapshot is not None and getattr(trainer, "logger", None) is not None:
@@ -103,6 +112,9 @@ class _LightningHooks(_TrackerOwner):
 class _HuggingFaceHooks(_TrackerOwner):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._start(bool(state.is_world_process_zero))
+        if self.tracker is not None and kwargs.get("model") is not None:
+            # step 0 (or the resumed step): the model before any update of this training
+            self.tracker.step(int(state.global_step), kwargs["model"], kwargs.get("optimizer"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is None or kwargs.get("model") is None:
@@ -128,10 +140,12 @@ class LightningTracker:
     """A PyTorch Lightning ``Callback`` that runs a :class:`Tracker` after every training batch.
 
     ``Trainer(callbacks=[LightningTracker("runs/x", loss_fn, data, "log:1:10000:10")])``.
-    The step is ``trainer.global_step``, the loss comes from the ``training_step`` output, the
-    lr from the first optimizer; each snapshot's scalars also go to ``trainer.logger`` under
-    "curvscope/...". Arguments are those of :class:`Tracker`; ``.tracker`` is the Tracker once
-    training started (on global rank 0).
+    The step is ``trainer.global_step``: step 0 (the model before any update) is taken in
+    ``on_train_start``, later steps after each training batch. The loss comes from the
+    ``training_step`` output (none at the first snapshot), the lr from the first optimizer;
+    each snapshot's scalars also go to ``trainer.logger`` under "curvscope/...". Arguments
+    are those of :class:`Tracker`; ``.tracker`` is the Tracker once training started (on
+    global rank 0).
 
     Raises:
         ImportError: PyTorch Lightning is not installed.
@@ -146,8 +160,10 @@ class HuggingFaceTracker:
     """A Hugging Face ``TrainerCallback`` that runs a :class:`Tracker` at every step end.
 
     ``Trainer(..., callbacks=[HuggingFaceTracker("runs/x", loss_fn, data, "every:100",
-    operator_options={"unpack_batch": unpack})])``. The step is ``state.global_step``, the lr
-    comes from the optimizer, the loss from the latest log entry when it is for this step.
+    operator_options={"unpack_batch": unpack})])``. The step is ``state.global_step``: step 0
+    (the model before any update) is taken in ``on_train_begin``, later steps at each step end.
+    The lr comes from the optimizer, the loss from the latest log entry when it is for this
+    step.
     Arguments are those of :class:`Tracker`.
 
     Raises:
