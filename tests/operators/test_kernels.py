@@ -133,3 +133,19 @@ def test_recurrent_models_run_without_cudnn_and_onednn_and_restore_them(dtype):
     assert rel_err(got, H @ V) <= (1e-10 if dtype == torch.float64 else 1e-4)
     assert rnn_switches() == user
     assert model.seen and all(seen[4:] == (False, False) for seen in model.seen)
+
+
+def test_recurrent_models_share_one_vmapped_backward_on_the_cpu():
+    """Their double backward is a chain of tiny kernels: "auto" vmaps the k vectors on the CPU
+    for them (and loops for other models), with the loop's numbers."""
+    torch.manual_seed(0)
+    model = Recurrent()
+    generator = torch.Generator().manual_seed(3)
+    data = [(torch.randn(5, 6, 3, generator=generator), torch.tensor([0, 1, 2, 0, 1]))]
+    auto = HessianOperator(model, F.cross_entropy, data)
+    loop = HessianOperator(model, F.cross_entropy, data, matmat_mode="loop")
+    assert auto.matmat_mode == "auto" and loop.matmat_mode == "loop"
+    V = torch.randn(auto.num_params, 4, dtype=torch.float64, generator=generator)
+    assert rel_err(auto.matmat(V), loop.matmat(V)) <= 1e-13
+    assert auto.matmat_mode == "auto"  # the vmapped pass worked: no fallback to the loop
+    assert HessianOperator(Encoder(), F.cross_entropy, attention_data()).matmat_mode == "loop"

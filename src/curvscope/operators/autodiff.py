@@ -1,9 +1,14 @@
 """k backward passes through one retained autograd graph, looped or vmapped.
 
 Every operator product ends in "send k cotangents back through a graph built once for the
-batch". On the CPU a loop of k backward passes measured faster than one vmapped pass
-(``is_grads_batched``; benchmarks/hvp_cost.py); elsewhere the vmapped pass is tried first and
-a missing batching rule falls back to the loop, once and for all.
+batch". On the CPU a loop of k backward passes measured 1.3-1.7x faster than one vmapped pass
+(``is_grads_batched``) for MLPs and CNNs, whose products are a few large kernels
+(benchmarks/hvp_cost.py). Recurrent models are the opposite case: their double backward is a
+long chain of tiny kernels, one per gate and time step, whose fixed cost dominates, and one
+vmapped pass pays it once for all k vectors instead of k times (an LSTM on digits, 8 steps:
+22 ms instead of 71 ms per product at k = 10, benchmarks/zoo_cost.py). So "auto" loops on
+the CPU except for recurrent models; elsewhere, and for those, the vmapped pass is tried first
+and a missing batching rule falls back to the loop, once and for all.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import torch
 MatmatMode = Literal["auto", "batched", "loop"]
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """Check ``mode``; "auto" becomes "loop" on the CPU and stays "auto" elsewhere."""
+def resolve_mode(mode: str, device: torch.device, recurrent: bool = False) -> str:
+    """Check ``mode``; "auto" becomes "loop" on the CPU (unless the model is ``recurrent``)
+    and stays "auto" (vmapped, falling back to the loop) elsewhere."""
     if mode not in ("auto", "batched", "loop"):
         raise ValueError(f"matmat_mode must be 'auto', 'batched' or 'loop', not {mode!r}")
-    return "loop" if mode == "auto" and device.type == "cpu" else mode
+    return "loop" if mode == "auto" and device.type == "cpu" and not recurrent else mode
 
 
 class RowBackward:

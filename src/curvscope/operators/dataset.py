@@ -48,8 +48,10 @@ class DatasetCurvatureOperator(CurvatureOperator):
             random forward pass (dropout written with ``F.dropout``, say).
         matmat_mode: How k vectors share a batch's graph: "loop" (k backward passes through
             the retained graph), "batched" (one vmapped pass, ``is_grads_batched``) or "auto":
-            loop on the CPU, where it measured faster (benchmarks/hvp_cost.py), batched
-            elsewhere with a fallback to loop when an operation has no batching rule.
+            loop on the CPU, where it measured faster for MLPs and CNNs
+            (benchmarks/hvp_cost.py), batched for recurrent models on the CPU (2-3x faster
+            there: :mod:`.autodiff`) and on other devices, with a fallback to loop when an
+            operation has no batching rule.
         keep_graphs: Keep what a product builds for a batch before the vectors come in (its
             activations and first backward), since the parameters never move during an
             analysis: "auto" (default) keeps the graphs of the batches that fit in
@@ -99,7 +101,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
         self.allow_tf32 = bool(allow_tf32)
         self.source = DataSource(data, self.device, self.dtype, unpack_batch)
         self.num_samples: int | None = None
-        self.backward = RowBackward(resolve_mode(matmat_mode, self.device))
+        self.backward = RowBackward(resolve_mode(matmat_mode, self.device, self.function.recurrent))
         shuffling = is_shuffling(data)
         self.graph_cache = GraphCache(
             keep_graphs,
@@ -143,7 +145,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
 
     @matmat_mode.setter
     def matmat_mode(self, mode: str) -> None:
-        self.backward.mode = resolve_mode(mode, self.device)
+        self.backward.mode = resolve_mode(mode, self.device, self.function.recurrent)
 
     @property
     def keep_graphs(self) -> KeepGraphs:
