@@ -13,10 +13,19 @@ PIP := $(BIN)/python -m pip
 venv: $(STAMP)
 
 # Re-runs when pyproject.toml or constraints.txt change (the stamp is then older).
+# torchvision for the model zoo's ResNet-18: every torchvision release built for torch 2.13
+# is a CUDA build that fails to import beside the CPU torch ("operator torchvision::nms does
+# not exist"), and its metadata asks for its own torch. 0.16.2 imports (its compiled ops stay
+# unloaded; torchvision.models is pure Python) and builds the same ResNet-18 as today's
+# releases; --no-deps keeps pip from replacing torch with the 2.1.2 its metadata names.
+TORCHVISION := torchvision==0.16.2
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install --no-deps $(TORCHVISION)
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
 demo: venv
