@@ -40,7 +40,9 @@ def backend_state() -> dict[str, Any]:
         ),
         "mkldnn": torch.backends.mkldnn.enabled,
         "cudnn": torch.backends.cudnn.enabled,
-        "fp32_precision": torch.backends.mkldnn.matmul.fp32_precision,
+        "mkldnn_fp32_precision": getattr(
+            getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None
+        ),
     }
     priority = getattr(torch._C, "_get_sdp_priority_order", None)
     if priority is not None:
@@ -55,6 +57,7 @@ def untouched_state(model: nn.Module) -> dict[str, Any]:
 
 
 def assert_untouched(before: dict[str, Any], after: dict[str, Any], where: str = "") -> None:
+    """Two :func:`untouched_state` snapshots are equal; the error names ``where``."""
     try:
         assert_same(before, after)
         assert before["backends"] == after["backends"], "a backend setting was not restored"
