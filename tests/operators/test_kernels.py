@@ -149,3 +149,72 @@ def test_recurrent_models_share_one_vmapped_backward_on_the_cpu():
     assert rel_err(auto.matmat(V), loop.matmat(V)) <= 1e-13
     assert auto.matmat_mode == "auto"  # the vmapped pass worked: no fallback to the loop
     assert HessianOperator(Encoder(), F.cross_entropy, attention_data()).matmat_mode == "loop"
+
+
+def weight_norm_model(old_api: bool) -> nn.Module:
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    if old_api:
+        with pytest.warns(FutureWarning):
+            return nn.Sequential(
+                torch.nn.utils.weight_norm(nn.Linear(4, 5)),
+                nn.Tanh(),
+                torch.nn.utils.weight_norm(nn.Linear(5, 3)),
+            )
+    return nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(4, 5)),
+        nn.Tanh(),
+        parametrizations.weight_norm(nn.Linear(5, 3)),
+    )
+
+
+def test_the_fused_weight_norm_kernel_has_a_wrong_second_derivative():
+    """Guards the premise of the explicit weight norm (if a future torch fixes the kernel,
+    this test says the replacement is no longer needed)."""
+    v = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(5, 1, dtype=torch.float64) + 0.5).requires_grad_(True)
+    fused = lambda v, g: torch._weight_norm(v, g, 0)  # noqa: E731
+    explicit = lambda v, g: v * (g / torch.norm_except_dim(v, 2, 0))  # noqa: E731
+    assert torch.allclose(fused(v, g), explicit(v, g), rtol=1e-14, atol=0)
+    assert torch.autograd.gradgradcheck(explicit, (v, g))
+    assert not torch.autograd.gradgradcheck(fused, (v, g), raise_exception=False)
+
+
+@pytest.mark.parametrize("old_api", [False, True], ids=["parametrizations", "hook"])
+def test_weight_norm_hessians_are_exact_and_symmetric(old_api):
+    model = weight_norm_model(old_api)
+    generator = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, 4, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    op = HessianOperator(model, F.cross_entropy, data)
+    M = op.matmat(torch.eye(op.num_params, dtype=torch.float64))
+    assert rel_err(M, M.T) <= 1e-12
+    # reference: the same network with weight norm written out, through plain double backward
+    names = op.param_names
+    params = [p.detach().double().clone().requires_grad_(True) for p in op.function.param_list()]
+    by_name = dict(zip(names, params, strict=True))
+
+    def layer(x, prefix):
+        if old_api:
+            v, g = by_name[f"{prefix}.weight_v"], by_name[f"{prefix}.weight_g"]
+        else:
+            v = by_name[f"{prefix}.parametrizations.weight.original1"]
+            g = by_name[f"{prefix}.parametrizations.weight.original0"]
+        return F.linear(x, v * (g / torch.norm_except_dim(v, 2, 0)), by_name[f"{prefix}.bias"])
+
+    x, y = data[0]
+    loss = F.cross_entropy(layer(torch.tanh(layer(x.double(), "0")), "2"), y)
+    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    H = torch.stack(
+        [
+            torch.cat(
+                [r.reshape(-1) for r in torch.autograd.grad(grads[i], params, retain_graph=True)]
+            )
+            for i in range(op.num_params)
+        ]
+    )
+    assert rel_err(M, H) <= 1e-12
+    assert (
+        op.function.weight_norm
+        and not HessianOperator(Encoder(), F.cross_entropy, attention_data()).function.weight_norm
+    )

@@ -9,9 +9,8 @@ Weight norm: on torch 2.13 the fused kernel behind ``parametrizations.weight_nor
 (``torch._weight_norm``, chosen for dim 0) has a wrong second derivative: its double backward
 drops the derivative of the saved norms (``torch.autograd.gradgradcheck`` fails), so products
 through it are wrong by ~40% and not even symmetric. The reference evaluates weight norm in
-plain operations (:func:`zoo_models.explicit_weight_norm`); curvscope's products are expected
-to fail here until the operators avoid the fused kernel (strict xfail: the marker must go when
-they do).
+plain operations (:func:`zoo_models.explicit_weight_norm`); curvscope's operators evaluate
+``torch._weight_norm`` by its formula during products (:mod:`curvscope.operators.kernels`).
 """
 
 from __future__ import annotations
@@ -26,12 +25,6 @@ from curvscope import HessianOperator
 
 KEEP = pytest.mark.parametrize("keep_graphs", [True, False], ids=["kept", "rebuilt"])
 
-WEIGHT_NORM_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="torch._weight_norm (fused, dim 0) has a wrong double backward on torch 2.13",
-)
-
 BUILDERS = {
     "mlp": zm.mlp,
     "cnn_bn_train": lambda: zm.cnn_bn(train=True),
@@ -44,15 +37,8 @@ BUILDERS = {
 }
 
 
-def with_marks(names: list[str]) -> list:
-    return [
-        pytest.param(name, marks=WEIGHT_NORM_BUG) if name == "weight_norm_mlp" else name
-        for name in names
-    ]
-
-
 @KEEP
-@pytest.mark.parametrize("name", with_marks(list(BUILDERS)))
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_products_match_double_backward(name: str, keep_graphs: bool) -> None:
     check_products(BUILDERS[name](), keep_graphs=keep_graphs)
 
@@ -79,7 +65,6 @@ def test_dense_hessian_matches(name: str) -> None:
     assert rel_err(H, H.T) <= 1e-12
 
 
-@WEIGHT_NORM_BUG
 def test_weight_norm_dense_hessian_is_exact_and_symmetric() -> None:
     case = zm.weight_norm_mlp()
     op = HessianOperator(case.model, case.loss_fn, case.batches)

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from .data import Batch, call_model
-from .kernels import has_recurrent_layers, twice_differentiable_kernels
+from .kernels import has_recurrent_layers, has_weight_norm, twice_differentiable_kernels
 
 ParamSpec = Iterable[str | nn.Parameter | torch.Tensor] | None
 
@@ -149,6 +149,7 @@ class ModelFunction:
         self.numels = [self.leaves[name].numel() for name in self.names]
         self.num_params = sum(self.numels)
         self.recurrent = has_recurrent_layers(model)
+        self.weight_norm = has_weight_norm(model)
 
     def _cast(self, tensor: torch.Tensor) -> torch.dtype:
         return self.dtype if tensor.is_floating_point() else tensor.dtype
@@ -156,9 +157,10 @@ class ModelFunction:
     def outputs(self, batch: Batch, leaves: dict[str, torch.Tensor] | None = None) -> object:
         """Model outputs on ``batch`` at the frozen parameters (or at ``leaves``).
 
-        The forward runs with kernels that autograd can differentiate twice (attention on
-        the MATH backend, recurrent layers without cuDNN/oneDNN: :mod:`.kernels`); the
-        user's backend settings are restored when it returns.
+        The forward runs with kernels that autograd can differentiate twice, correctly
+        (attention on the MATH backend, recurrent layers without cuDNN/oneDNN, weight norm by
+        its formula: :mod:`.kernels`); the user's backend settings are restored when it
+        returns.
         """
         state = {**self.constants, **(leaves or self.leaves)}
         # Fresh buffer copies per batch: BatchNorm in train mode writes its running stats.
@@ -167,7 +169,7 @@ class ModelFunction:
         def model_fn(*args: object, **kwargs: object) -> object:
             return functional_call(self.model, state, args, kwargs)
 
-        with twice_differentiable_kernels(self.recurrent):
+        with twice_differentiable_kernels(self.recurrent, self.weight_norm):
             return call_model(model_fn, batch.inputs)
 
     def param_list(self) -> list[torch.Tensor]:

@@ -8,12 +8,17 @@ some fused kernels that PyTorch picks by default have no derivative of their bac
   memory-efficient and cuDNN kernels on CUDA (``derivative for
   aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``);
 * recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) through cuDNN on CUDA (``double
-  backward is not supported for cuDNN RNNs``) and through oneDNN (mkldnn) on the CPU.
+  backward is not supported for cuDNN RNNs``) and through oneDNN (mkldnn) on the CPU;
+* weight normalisation (``torch.nn.utils.parametrizations.weight_norm`` and the older
+  ``torch.nn.utils.weight_norm``) through the fused ``torch._weight_norm``, whose double
+  backward is *wrong* on torch 2.13, silently (``gradgradcheck`` fails; a Hessian product was
+  40% off and not symmetric): it is evaluated as ``v * (g / norm_except_dim(v, 2, dim))``.
 
 :func:`twice_differentiable_kernels` runs a block with attention on the MATH backend (the
 composite implementation, which autograd differentiates any number of times) and, when the
 model has recurrent layers, with cuDNN and oneDNN off, so that their composite implementations
-run. The user's settings are restored on exit, also when the block raises. The switch applies
+run, and, when it has weight normalisation, with ``torch._weight_norm`` replaced by its plain
+formula. The user's settings are restored on exit, also when the block raises. The switch applies
 to the forward pass only: autograd records the kernel chosen there, and the backward passes of
 that graph follow it.
 """
@@ -22,14 +27,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
     """True when ``model`` contains an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``."""
     return any(isinstance(module, nn.RNNBase) for module in model.modules())
+
+
+def has_weight_norm(model: nn.Module) -> bool:
+    """True when ``model`` uses weight normalisation, new (parametrization) or old (hook)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for module in model.modules():
+        if isinstance(module, _WeightNorm):  # parametrizations live in the module tree
+            return True
+        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            return True
+    return False
+
+
+class ExplicitWeightNorm(TorchFunctionMode):
+    """Evaluates ``torch._weight_norm(v, g, dim)`` as ``v * (g / norm_except_dim(v, 2, dim))``,
+    the same function (to rounding) with a correct second derivative."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
 
 
 @contextmanager
@@ -63,15 +98,21 @@ def composite_rnn() -> Iterator[None]:
 
 
 @contextmanager
-def twice_differentiable_kernels(recurrent: bool = False) -> Iterator[None]:
-    """Run the block with kernels whose backward can be differentiated again.
+def twice_differentiable_kernels(
+    recurrent: bool = False, weight_norm: bool = False
+) -> Iterator[None]:
+    """Run the block with kernels whose backward can be differentiated (correctly) again.
 
     Args:
         recurrent: Also switch cuDNN and oneDNN off (for models with recurrent layers; other
             models keep them, which convolutions need for speed).
+        weight_norm: Also evaluate ``torch._weight_norm`` by its formula (a function mode sees
+            every torch call of the block, so only models with weight norm pay for it).
     """
     with ExitStack() as stack:
         stack.enter_context(math_attention())
         if recurrent:
             stack.enter_context(composite_rnn())
+        if weight_norm:
+            stack.enter_context(ExplicitWeightNorm())
         yield
