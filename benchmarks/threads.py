@@ -9,7 +9,7 @@ Settings, each run in a fresh Python process so that its environment is in place
   GOMP_SPINCOUNT = 300000 times, about 3 ms, before they sleep);
 - ``torch default, KMP_BLOCKTIME=0``: Intel OpenMP's knob, to check whether it matters here;
 - ``curvscope default``: what the ``curvscope`` program sets where the user has not
-  (``curvscope.cli.THREAD_ENV`` in the environment before torch loads, and
+  (``curvscope.program.THREAD_ENV`` in the environment before torch loads, and
   ``torch.set_num_threads(curvscope.cli.default_threads())``).
 
 The ``spin`` column is the spin count the OpenMP runtime reports it uses
@@ -26,8 +26,9 @@ Each process runs it once untimed, then ``--repeats`` times; every setting runs 
 ``--rounds`` processes, the rounds in rotated order so that each setting meets the machine's
 other load at several times. The table gives the median and the largest seconds over all timed
 runs of a setting, and the ratio of the medians to one thread under the same load. The last
-line gives the cost of the program's one restart (``python -m curvscope top --loss hinge``, a
-command that stops right after the restart, with OMP_WAIT_POLICY unset minus set).
+line gives the start-up of the program with OMP_WAIT_POLICY unset and set (``python -m
+curvscope top --loss hinge``, a command that stops right after parsing): the program sets the
+variable before torch loads (curvscope.program), so the two should be equal.
 
 Run from the repository root::
 
@@ -47,7 +48,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from curvscope.cli import THREAD_ENV, default_threads
+from curvscope.cli import default_threads
+from curvscope.program import THREAD_ENV
 
 #: Variables every setting starts without (a user's shell usually has none of them).
 THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
@@ -161,9 +163,9 @@ def run_setting(setting: Setting, problem: str, args: argparse.Namespace, busy: 
     return Run(result["times"], int(result["threads"]), spins[-1] if spins else "?", result["n"])
 
 
-def restart_cost(repeats: int) -> tuple[float, float]:
+def startup_cost(repeats: int) -> tuple[float, float]:
     """Median seconds of ``python -m curvscope top --loss hinge`` with OMP_WAIT_POLICY unset
-    (the program restarts once) and set (it does not)."""
+    (the program sets it before torch loads) and set by the user."""
     command = [sys.executable, "-m", "curvscope", "top", "--loss", "hinge"]
     medians = []
     for env in ({}, dict(THREAD_ENV)):
@@ -246,10 +248,10 @@ def main() -> None:
     )
     for problem in args.problems:
         measure(problem, args)
-    unset, preset = restart_cost(max(3, args.repeats * args.rounds))
+    unset, preset = startup_cost(max(3, args.repeats * args.rounds))
     print(
-        f"restart of the program (OMP_WAIT_POLICY unset): {unset:.2f} s vs {preset:.2f} s with it "
-        f"set: +{unset - preset:.2f} s per command"
+        f"start-up of the program: {unset:.2f} s with OMP_WAIT_POLICY unset, {preset:.2f} s with "
+        f"it set ({unset - preset:+.2f} s)"
     )
 
 

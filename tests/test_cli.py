@@ -279,7 +279,7 @@ def test_help_and_version(capsys):
 
 def test_entry_point_is_installed():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("curvscope") == "curvscope.cli:main"
+    assert scripts.get("curvscope") == "curvscope.program:main"
     done = subprocess.run(
         [sys.executable, "-m", "curvscope", "--help"],
         capture_output=True,

@@ -10,7 +10,6 @@ status 2 (``--debug`` shows the traceback as well); anything else exits with sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -1575,19 +1574,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- threads
 
-#: What the ``curvscope`` program sets in its environment, where the user has not, before
-#: torch's OpenMP runtime starts: idle threads sleep instead of spinning. torch's CPU build
-#: runs its own and MKL's parallel regions on GNU OpenMP, whose idle threads spin about 3 ms
-#: by default (GOMP_SPINCOUNT 300000); with another busy process on the machine they steal the
-#: CPU the working threads need, and 2 threads ran several times slower than 1 (measured in
-#: docs/benchmarks.md, Threads). KMP_BLOCKTIME would be the same knob for Intel's OpenMP,
-#: which this build does not load; OMP_WAIT_POLICY is read by both.
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 #: Variables that choose the number of threads themselves (torchrun sets OMP_NUM_THREADS=1
 #: for several processes per machine): the CLI then leaves torch's choice.
 THREAD_COUNT_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-#: Commands that do no parallel torch work: no restart for them.
-SERIAL_COMMANDS = ("plot",)
 
 
 def default_threads() -> int:
@@ -1609,35 +1598,6 @@ def num_threads(args: argparse.Namespace, environ: Any = os.environ) -> int | No
     return default_threads()
 
 
-def _started_as_program() -> bool:
-    """True in the ``curvscope`` program (the console script, ``python -m curvscope``), not
-    when :func:`main` is called from another program (a notebook, a test)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name in ("curvscope.__main__", "curvscope.cli"):
-        return True
-    return Path(sys.argv[0]).stem == PROG
-
-
-def restart_with_thread_env() -> None:
-    """Set :data:`THREAD_ENV` where the environment lacks it and run this program again.
-
-    OpenMP reads its variables once, when it loads, and ``import curvscope`` loads torch (and
-    with it OpenMP) before any code of the command runs, for ``curvscope`` and for
-    ``python -m curvscope`` alike; so the program replaces itself (``os.execv``, the same
-    process id, interpreter options and arguments) with one that starts with the variables
-    set. Nothing happens where every variable is set already (the user's values are kept, and
-    the restarted program stops here), or off POSIX.
-    """
-    missing = {name: value for name, value in THREAD_ENV.items() if name not in os.environ}
-    if not missing or os.name != "posix" or not sys.executable:
-        return
-    os.environ.update(missing)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with contextlib.suppress(OSError):  # if it fails, the command runs on as it is
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -1654,22 +1614,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch gets --threads threads, or as many as the CPUs the process may use (unless
     OMP_NUM_THREADS or MKL_NUM_THREADS is set). The program itself (``curvscope``,
-    ``python -m curvscope``, with ``argv`` None) also makes OpenMP's idle threads sleep
-    (:data:`THREAD_ENV`, :func:`restart_with_thread_env`) unless OMP_WAIT_POLICY is set.
+    ``python -m curvscope``: :mod:`curvscope.program`) also makes OpenMP's idle threads sleep,
+    unless OMP_WAIT_POLICY is set; called from Python, this function leaves the environment
+    alone.
 
     Returns:
         Exit status: 0 on success, 2 for a usage or input error, 1 for any other failure,
         130 when interrupted.
     """
-    program = argv is None and _started_as_program()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
-        if program and args.command not in SERIAL_COMMANDS:
-            restart_with_thread_env()
         init_from_environment()  # under torchrun/SLURM: join the process group
         threads = num_threads(args)
         if threads:
