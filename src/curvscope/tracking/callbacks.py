@@ -116,18 +116,37 @@ class _HuggingFaceHooks(_TrackerOwner):
             # step 0 (or the resumed step): the model before any update of this training
             self.tracker.step(int(state.global_step), kwargs["model"], kwargs.get("optimizer"))
 
+    # The Trainer logs a step's loss after on_step_end (when control.should_log, which its
+    # default flow callback sets before ours runs): a snapshot due at a logging step waits
+    # for on_log to record that loss; the model does not change in between.
+    _pending: tuple[int, Any, Any] | None = None
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is None or kwargs.get("model") is None:
             return
-        scalars = {}
-        history = getattr(state, "log_history", None) or []
-        if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
-            scalars["loss"] = history[-1]["loss"]
-        self.tracker.step(
-            int(state.global_step), kwargs["model"], kwargs.get("optimizer"), **scalars
-        )
+        self._flush()
+        step = int(state.global_step)
+        if getattr(control, "should_log", False):
+            self._pending = (step, kwargs["model"], kwargs.get("optimizer"))
+            return
+        self.tracker.step(step, kwargs["model"], kwargs.get("optimizer"))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        pending = self._pending
+        if pending is None or pending[0] != int(state.global_step):
+            return
+        loss = (logs or {}).get("loss")
+        self._flush(**({"loss": loss} if loss is not None else {}))
+
+    def _flush(self, **scalars: Any) -> None:
+        """Take the snapshot waiting for its step's log (with ``scalars``), if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self.tracker is not None:
+            step, model, optimizer = pending
+            self.tracker.step(step, model, optimizer, **scalars)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush()
         self._close()
 
 
@@ -162,8 +181,9 @@ class HuggingFaceTracker:
     ``Trainer(..., callbacks=[HuggingFaceTracker("runs/x", loss_fn, data, "every:100",
     operator_options={"unpack_batch": unpack})])``. The step is ``state.global_step``: step 0
     (the model before any update) is taken in ``on_train_begin``, later steps at each step end.
-    The lr comes from the optimizer, the loss from the latest log entry when it is for this
-    step.
+    The lr comes from the optimizer; the loss is the one the Trainer logs at that step (its
+    mean since the previous log: ``logging_steps=1`` gives every step's), so a snapshot at a
+    logging step is taken when that log comes, and steps that do not log have no loss.
     Arguments are those of :class:`Tracker`.
 
     Raises:
