@@ -10,6 +10,7 @@ runtime print the spin count it actually uses (0 for passive waiting). Nothing h
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from curvscope import cli
 
@@ -114,3 +116,23 @@ def test_main_called_from_python_leaves_the_environment_alone(monkeypatch, capsy
     assert cli.main(["top", "--loss", "hinge"]) == 2  # fails after parsing
     assert "OMP_WAIT_POLICY" not in os.environ
     capsys.readouterr()
+
+
+def test_small_models_get_one_thread_by_default():
+    """Below cli.ONE_THREAD_BELOW parameters sleeping threads cost more than they give."""
+    before = torch.get_num_threads()
+    small, large = torch.nn.Linear(10, 10), torch.nn.Linear(400, 250)  # 110 and 100,250
+    try:
+        for default, model, expected in [
+            (True, small, 1),
+            (True, large, 2),
+            (False, small, 2),  # --threads or OMP_NUM_THREADS chose: kept
+        ]:
+            torch.set_num_threads(2)
+            args = argparse.Namespace(default_threads=default)
+            cli.fit_threads_to_model(args, model)
+            assert torch.get_num_threads() == expected, (default, model)
+    finally:
+        torch.set_num_threads(before)
+    args = cli.build_parser().parse_args(["density"])
+    assert not getattr(args, "default_threads", False)  # set by main() only

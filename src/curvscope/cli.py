@@ -432,6 +432,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, nn.Module, Any, Any
     unpack = load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     _check_params(model, args.params)
     remember_data(args, data, unpack)
+    fit_threads_to_model(args, model)
     return device, loss_fn, model, data, unpack
 
 
@@ -1598,6 +1599,25 @@ def num_threads(args: argparse.Namespace, environ: Any = os.environ) -> int | No
     return default_threads()
 
 
+#: Below this many trainable parameters the default is one thread. With idle threads
+#: sleeping (curvscope.program), every parallel region pays a wake-up, which small models'
+#: tiny operations cannot earn back: digits MLPs, 1,797 samples, Hessian-vector products, 2
+#: CPUs, idle machine: n = 3,466 ran 3x faster on 1 thread than on 2, n = 50k 1.3x faster;
+#: n = 167k and 301k 1.2x slower (docs/benchmarks.md, Threads).
+ONE_THREAD_BELOW = 100_000
+
+
+def fit_threads_to_model(args: argparse.Namespace, model: nn.Module) -> None:
+    """One torch thread for a model below :data:`ONE_THREAD_BELOW` trainable parameters when
+    the threads are the program's default (no --threads, no OMP_NUM_THREADS); the count
+    depends on the model alone, so the same command always runs the same kernels."""
+    if not getattr(args, "default_threads", False):
+        return
+    size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if size < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -1632,6 +1652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads = num_threads(args)
         if threads:
             torch.set_num_threads(threads)
+        args.default_threads = threads is not None and not getattr(args, "threads", None)
         return int(args.run(args))
     except SystemExit as stop:  # --help and --version
         return stop.code if isinstance(stop.code, int) else 0

@@ -159,6 +159,7 @@ def load_problem(args: argparse.Namespace, allow_params: bool = True) -> LoadedP
     unpack = cli.load_callable(args.unpack_batch, "--unpack-batch") if args.unpack_batch else None
     cli._check_params(model, args.params)
     cli.remember_data(args, data, unpack)
+    cli.fit_threads_to_model(args, model)
     if is_distributed() and not cli._sharded_by_sampler(data):
         data = Shard(data)  # every rank walks every world_size-th batch; sums all-reduced
     dtype = cli.DTYPES[args.dtype] if args.dtype else None
