@@ -25,6 +25,7 @@ that graph follow it.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -41,13 +42,25 @@ def has_recurrent_layers(model: nn.Module) -> bool:
 
 def has_weight_norm(model: nn.Module) -> bool:
     """True when ``model`` uses weight normalisation, new (parametrization) or old (hook)."""
-    from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
+    # The modules (``torch.nn.utils.weight_norm`` is also the name of a function there).
+    parametrizations = importlib.import_module("torch.nn.utils.parametrizations")
+    weight_norm = importlib.import_module("torch.nn.utils.weight_norm")
+    # Private class names of torch (2.2-2.13): where a release renames them, weight norm is
+    # not detected and its products go through the fused kernel as before.
+    kinds = tuple(
+        kind
+        for kind in (
+            getattr(parametrizations, "_WeightNorm", None),
+            getattr(weight_norm, "WeightNorm", None),
+        )
+        if isinstance(kind, type)
+    )
+    if not kinds:
+        return False
     for module in model.modules():
-        if isinstance(module, _WeightNorm):  # parametrizations live in the module tree
+        if isinstance(module, kinds):  # parametrizations live in the module tree
             return True
-        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+        if any(isinstance(hook, kinds) for hook in module._forward_pre_hooks.values()):
             return True
     return False
 
