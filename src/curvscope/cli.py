@@ -1277,8 +1277,9 @@ def _common_options(
     group.add_argument(
         "--threads",
         type=_positive_int,
-        help="torch CPU threads (default: the CPUs this process may use, unless "
-        "OMP_NUM_THREADS is set; idle threads sleep unless OMP_WAIT_POLICY is set)",
+        help="torch CPU threads (default: 1 for models below 100,000 trainable parameters, "
+        "else the CPUs this process may use; unless OMP_NUM_THREADS is set. Idle threads "
+        "sleep unless OMP_WAIT_POLICY is set)",
     )
     group.add_argument("--out", metavar="DIR", help=out_help)
     group.add_argument(
