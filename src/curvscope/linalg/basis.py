@@ -59,13 +59,21 @@ class DiskBasis:
     no memory map, so pages read back are not kept mapped into the process (with a numpy
     memmap every page read stayed resident, one n-vector per step; docs/memory.md).
 
+    A basis that is not kept has no name on disk: it is created without one (Linux's
+    ``O_TMPFILE``) or unlinked right after it is opened, so only the open descriptor refers
+    to it and the OS frees it when the process ends, however it ends (SIGTERM, SIGKILL, an
+    out-of-memory kill). Only where an open file cannot be unlinked (Windows) is it removed
+    by :meth:`close` instead.
+
     Args:
-        directory: Folder for the file; a temporary folder by default. The file is removed
-            by :meth:`close` unless ``keep`` is set.
-        keep: Leave the file in place on :meth:`close`.
+        directory: Folder for the file; the system's temporary folder by default (a
+            ``curvscope_basis_*`` folder in it when the file is kept).
+        keep: Give the file a name and leave it in place on :meth:`close` (the caller owns
+            it). Without ``keep`` the file is anonymous (see above).
         chunk_bytes: Bytes read per chunk during reorthogonalization (at least one step).
-        path: Exact file to use (a checkpoint's basis); overrides ``directory``.
-        reopen: Open an existing ``path`` for reading and writing instead of creating it.
+        path: Exact file to use (a checkpoint's basis, always kept); overrides ``directory``.
+        reopen: Open an existing ``path`` for reading and writing instead of creating it; its
+            size must be that of the (m, k, n) basis.
     """
 
     def __init__(
@@ -80,26 +88,48 @@ class DiskBasis:
         path: str | os.PathLike[str] | None = None,
         reopen: bool = False,
     ) -> None:
+        if reopen and path is None:
+            raise ValueError("reopen=True needs the path of the basis file to reopen")
         self.device = device
-        self.keep = keep
+        self.keep = keep or path is not None
         self.shape = (num_steps, k, n)
         self.temporary_dir: Path | None = None
+        self._unlink_on_close: Path | None = None
+        size = num_steps * k * n * 8
         if path is not None:
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        else:
+            if reopen:
+                try:
+                    self.fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"{self.path} does not exist: the checkpoint has lost its basis file; "
+                        "start again in a new or empty folder"
+                    ) from None
+                if os.fstat(self.fd).st_size != size:
+                    os.close(self.fd)
+                    raise ValueError(
+                        f"{self.path} does not hold a basis of shape {self.shape}: it belongs "
+                        "to another run or was truncated; start again in a new or empty folder"
+                    )
+            else:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        elif keep:
             if directory is None:
                 self.temporary_dir = Path(tempfile.mkdtemp(prefix="curvscope_basis_"))
-            folder = Path(directory) if directory is not None else self.temporary_dir
-            folder.mkdir(parents=True, exist_ok=True)
+                folder = self.temporary_dir
+            else:
+                folder = Path(directory)
+                folder.mkdir(parents=True, exist_ok=True)
             self.path = folder / f"lanczos_basis_{os.getpid()}_{id(self)}.f64"
-        flags = os.O_RDWR | (0 if reopen else os.O_CREAT | os.O_TRUNC)
-        self.fd = os.open(self.path, flags, 0o644)
-        size = num_steps * k * n * 8
-        if reopen and os.fstat(self.fd).st_size != size:
-            os.close(self.fd)
-            raise ValueError(f"{self.path} does not hold a basis of shape {self.shape}")
-        os.ftruncate(self.fd, size)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        else:
+            folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+            folder.mkdir(parents=True, exist_ok=True)
+            self.fd, self.path, self._unlink_on_close = _anonymous_file(folder)
+        if not reopen:
+            os.ftruncate(self.fd, size)
         self.chunk_steps = max(1, min(num_steps, chunk_bytes // (k * n * 8)))
         # torch allocates with a fixed (64-byte) alignment, numpy at the heap's whim: BLAS
         # kernels (MKL) pick code paths by alignment, so the reorthogonalization reads the
@@ -170,7 +200,30 @@ class DiskBasis:
             os.close(self.fd)
             self.fd = -1
         self._buffer = None
-        if not self.keep:
-            self.path.unlink(missing_ok=True)
-            if self.temporary_dir is not None:
-                self.temporary_dir.rmdir()
+        if self._unlink_on_close is not None:
+            self._unlink_on_close.unlink(missing_ok=True)
+            self._unlink_on_close = None
+
+
+def _anonymous_file(folder: Path) -> tuple[int, Path, Path | None]:
+    """A new read-write file in ``folder`` that has no name: (descriptor, path for messages,
+    path still to remove on close or None).
+
+    Linux creates it nameless (``O_TMPFILE``); elsewhere, or on a file system without
+    ``O_TMPFILE``, it is created under a unique name and unlinked at once. Where an open file
+    cannot be unlinked (Windows), the name stays until :meth:`DiskBasis.close`.
+    """
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            fd = os.open(folder, os.O_RDWR | tmpfile | os.O_EXCL, 0o600)
+        except OSError:  # e.g. a file system without O_TMPFILE support
+            pass
+        else:
+            return fd, folder / "(anonymous Lanczos basis)", None
+    fd, name = tempfile.mkstemp(prefix="lanczos_basis_", suffix=".f64", dir=folder)
+    try:
+        os.unlink(name)
+    except OSError:
+        return fd, Path(name), Path(name)
+    return fd, Path(name), None

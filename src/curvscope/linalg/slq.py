@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +15,7 @@ from ..resources import memory_share
 from ..results import environment_metadata
 from .density import SpectralDensity
 from .interface import LinearOperatorLike, as_operator, gaussian_rows
-from .lanczos import BasisKind, LanczosResult, lanczos
+from .lanczos import BasisKind, LanczosResult, check_basis_memory, lanczos
 
 #: Share of the device's available memory the default memory basis of a lockstep group may use.
 BASIS_SHARE = 0.25
@@ -59,6 +61,7 @@ def spectral_density(
     progress: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    identity: Mapping[str, Any] | None = None,
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -70,7 +73,10 @@ def spectral_density(
             of all probes per Lanczos step, i.e. one data pass per step.
         seed: Seed of the start vectors; the same seed gives the same nodes, bit for bit.
         basis: Where the Lanczos vectors live: "memory" or "disk" (a file read back in chunks).
-        basis_dir: Folder of the disk basis (default: a temporary folder).
+            When even one probe's memory basis (m x n x 8 bytes) exceeds the memory available
+            on the operator's device, a MemoryError says so up front (use "disk" then).
+        basis_dir: Folder of the disk basis (default: the system's temporary folder; the file
+            has no name there, so a killed run leaves nothing behind).
         max_basis_bytes: With the memory basis, probes run in lockstep groups small enough
             that the group's float64 basis (m x group x n x 8 bytes) fits this budget
             (default: a quarter of the memory available on the operator's device, at least
@@ -78,11 +84,17 @@ def spectral_density(
             grouping never changes the result.
         progress: Show a progress bar over Lanczos steps.
         checkpoint_dir: Make the run resumable (see :func:`~curvscope.linalg.lanczos.lanczos`):
-            all probes run in one lockstep group with their basis on disk in this folder.
+            all probes run in one lockstep group with their basis on disk in this folder. A
+            folder that already holds a checkpoint is refused unless ``resume`` is set.
         resume: Continue the run checkpointed in ``checkpoint_dir``; the result equals an
             uninterrupted checkpointed run's bit for bit when the resumed process computes
             the same products (same machine, thread count and operator), and to rounding
-            otherwise (see :func:`~curvscope.linalg.lanczos.lanczos`).
+            otherwise. Another operator (checked with one product), other start vectors,
+            another ``identity`` or a damaged state is refused before anything is written
+            (see :func:`~curvscope.linalg.lanczos.lanczos`).
+        identity: Optional JSON-able description of what is measured (model, data and loss
+            specifications, operator kind, parameter hash), stored in the checkpoint; a
+            resume with a different one is refused, listing the differing keys.
 
     Returns:
         :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape (num_probes, m).
@@ -98,6 +110,9 @@ def spectral_density(
     start_rows = gaussian_rows(num_probes, n, seed, op.device)
     group = num_probes
     if basis == "memory" and checkpoint_dir is None:
+        check_basis_memory(
+            m * n * 8, op.device, f"one probe's memory basis ({m} steps x n = {n:,})"
+        )
         budget = (
             max_basis_bytes
             if max_basis_bytes is not None
@@ -115,6 +130,7 @@ def spectral_density(
             progress=progress,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
+            identity=identity,
         )
         nodes, weights = quadrature_from_lanczos(result)
         all_nodes.append(nodes)
