@@ -197,12 +197,20 @@ class BlockSpectra:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> BlockSpectra:
-        """Read a table written by :meth:`save`."""
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: ``index.json`` or a group's file is missing.
+            ValueError: ``index.json`` is damaged or inconsistent (naming the entry and the
+                field: groups not a list, a name not a string or repeated, a stem not a plain
+                file stem inside ``directory``, params not a list of strings), or a group's
+                density or structure file is (see their ``load``).
+        """
         directory = Path(directory)
         path = directory / "index.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: was a BlockSpectra saved there?")
-        index = json.loads(path.read_text())
+        index = _read_index(path)
         groups, densities, structures = {}, {}, {}
         for entry in index["groups"]:
             name, stem = entry["name"], entry["stem"]
@@ -210,6 +218,51 @@ class BlockSpectra:
             densities[name] = SpectralDensity.load(directory / stem)
             structures[name] = SpectrumStructure.load(directory / f"{stem}.structure")
         return cls(groups, densities, structures, index.get("meta", {}))
+
+
+_STEM = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    """``index.json`` of a :class:`BlockSpectra`, checked: ValueError naming the entry and field."""
+    try:
+        index = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a {type(index).__name__}")
+    if index.get("kind", "BlockSpectra") != "BlockSpectra":
+        raise ValueError(
+            f"{path}: field 'kind' is {index['kind']!r}, not 'BlockSpectra': not a table "
+            "written by BlockSpectra.save"
+        )
+    if not isinstance(index.get("groups"), list):
+        raise ValueError(
+            f"{path}: field 'groups' must be a list of group entries, got "
+            f"{index.get('groups', 'nothing')!r}"
+        )
+    if not isinstance(index.get("meta", {}), dict):
+        raise ValueError(f"{path}: field 'meta' must be a JSON object, got {index['meta']!r}")
+    names: set[str] = set()
+    for i, entry in enumerate(index["groups"]):
+        where = f"{path}: groups[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object with name, stem and params")
+        name, stem, params = entry.get("name"), entry.get("stem"), entry.get("params")
+        if not isinstance(name, str) or name in names:
+            what = "repeated" if name in names else "not a string"
+            raise ValueError(f"{where} field 'name' is {what}: {name!r}")
+        names.add(name)
+        if not isinstance(stem, str) or not _STEM.match(stem):
+            raise ValueError(
+                f"{where} field 'stem' must be a file stem inside the folder (letters, digits, "
+                f"_ . -; as save writes), got {stem!r}"
+            )
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise ValueError(
+                f"{where} field 'params' must be a list of parameter names, got {params!r}"
+            )
+    return index
 
 
 def _safe(name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..linalg.density import SpectralDensity
-from ..results import load_result, save_result
+from ..results import ResultFile, save_result
 
 Convention = Literal["ghorbani", "papyan"]
 
@@ -325,9 +325,41 @@ class SpectrumStructure:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpectrumStructure:
-        """Read a structure written by :meth:`save`; round-trips exactly."""
-        arrays, meta = load_result(path)
-        return cls.from_dict({**meta, **arrays})
+        """Read a structure written by :meth:`save`; round-trips exactly.
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                an outlier array not 1-D or not of its group's length, masses or supports
+                negative, a count not a non-negative integer, n or num_probes not positive,
+                a number field not a number, params not an object.
+        """
+        file = ResultFile(path, "SpectrumStructure", "SpectrumStructure.save")
+        kwargs: dict[str, Any] = {}
+        for group in ("outliers", "outliers_low"):
+            values = file.array(group, shape=(None,), nan=False)
+            kwargs[group] = values
+            for suffix in ("_mass", "_support"):
+                kwargs[group + suffix] = file.array(
+                    group + suffix, shape=values.shape, like=f"as {group}", minimum=0.0
+                )
+            count = "num_" + group
+            if count in file.meta and file.meta[count] != values.size:
+                raise ValueError(
+                    f"{file.json_path}: field {count!r} is {file.meta[count]!r} but "
+                    f"{file.npz_path.name} holds {values.size} {group}"
+                )
+        for name in _ARRAYS:
+            kwargs[name] = np.asarray(kwargs[name], dtype=np.float64)
+        for name in ("n", "num_probes"):
+            kwargs[name] = file.integer(name, minimum=1)
+        kwargs["num_unresolved"] = file.integer("num_unresolved", minimum=0)
+        for name in ("negative_mass", "negative_mass_band", "unresolved_mass", "band"):
+            kwargs[name] = file.number(name, minimum=0.0)
+        for name in ("lambda_min", "lambda_max", "abs_min_over_max", "bulk_min", "bulk_max"):
+            kwargs[name] = file.number(name)
+        kwargs["params"] = dict(file.mapping("params"))
+        return cls(**kwargs)
 
     def summary(self) -> str:
         """A few lines for a terminal."""

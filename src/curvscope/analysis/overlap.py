@@ -21,7 +21,7 @@ from ..linalg import Eigenpairs, top_eigenpairs
 from ..linalg.eigs import Which
 from ..linalg.interface import LinearOperatorLike, as_operator
 from ..operators.functional import preserved_rng
-from ..results import environment_metadata, load_result, save_result
+from ..results import ResultFile, environment_metadata, save_result
 
 
 @dataclass(frozen=True)
@@ -69,23 +69,30 @@ class GradientOverlap:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GradientOverlap:
-        """Read a result written by :meth:`save`; round-trips exactly."""
-        arrays, meta = load_result(path)
-        meta.pop("kind", None)
-        scalars = {
-            name: meta.pop(name)
-            for name in ("k", "n", "overlap", "baseline", "curvature", "gradient_norm")
-        }
+        """Read a result written by :meth:`save`; round-trips exactly.
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                n not a positive integer, k not in [1, n], shares or eigenvalues not (k,),
+                shares or a norm negative, converged not a boolean.
+        """
+        file = ResultFile(path, "GradientOverlap", "GradientOverlap.save")
+        n = file.integer("n", minimum=1)
+        k = file.integer("k", minimum=1, maximum=n)
+        shares = file.array("shares", shape=(k,), like="(one per eigenvector)", minimum=0.0)
+        eigenvalues = file.array("eigenvalues", shape=(k,), like="(k,)", nan=False, inf=False)
+        file.check_optional("converged", file.boolean)
         return cls(
-            k=int(scalars["k"]),
-            n=int(scalars["n"]),
-            overlap=float(scalars["overlap"]),
-            shares=arrays["shares"],
-            eigenvalues=arrays["eigenvalues"],
-            baseline=float(scalars["baseline"]),
-            curvature=float(scalars["curvature"]),
-            gradient_norm=float(scalars["gradient_norm"]),
-            meta=meta,
+            k=k,
+            n=n,
+            overlap=file.number("overlap", minimum=0.0),
+            shares=shares,
+            eigenvalues=eigenvalues,
+            baseline=file.number("baseline", nan=False, inf=False, minimum=0.0),
+            curvature=file.number("curvature"),
+            gradient_norm=file.number("gradient_norm", minimum=0.0),
+            meta=file.meta,
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..results import load_result, save_result
+from ..results import ResultFile, save_result
 
 
 def ghorbani_variance(lambda_min: float, lambda_max: float) -> float:
@@ -118,8 +118,22 @@ class SpectralDensity:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpectralDensity:
-        """Read a density written by :meth:`save`; round-trips exactly."""
-        arrays, meta = load_result(path)
-        n = int(meta.pop("n"))
-        meta.pop("kind", None)
-        return cls(arrays["nodes"], arrays["weights"], arrays["num_steps"], n, meta)
+        """Read a density written by :meth:`save`; round-trips exactly.
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                nodes not (P, m) or infinite, weights not (P, m), negative or not finite,
+                num_steps not integers in [0, m], n not a positive integer.
+        """
+        file = ResultFile(path, "SpectralDensity", "SpectralDensity.save")
+        nodes = file.array("nodes", shape=(None, None), inf=False)
+        probes, steps = nodes.shape
+        weights = file.array(
+            "weights", shape=nodes.shape, like="as nodes", nan=False, inf=False, minimum=0.0
+        )
+        num_steps = file.array(
+            "num_steps", "int", shape=(probes,), like="(one per probe)", minimum=0, maximum=steps
+        )
+        n = file.integer("n", minimum=1)
+        return cls(nodes, weights, num_steps, n, file.meta)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from ..results import environment_metadata, load_result, save_result
+from ..results import ResultFile, environment_metadata, save_result
 from .interface import LinearOperatorLike, as_operator
 from .lanczos import lanczos
 
@@ -72,10 +72,31 @@ class Eigenpairs:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Eigenpairs:
-        arrays, meta = load_result(path)
-        meta.pop("kind", None)
-        vectors = arrays.get("vectors", np.zeros((0, arrays["values"].size)))
-        return cls(arrays["values"], vectors, arrays["residuals"], arrays["converged"], meta)
+        """Read pairs written by :meth:`save`; round-trips exactly (without vectors, when saved
+        with ``with_vectors=False``, ``vectors`` is an empty (0, k) array).
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                values not (k,) and finite, residuals not (k,) and >= 0, converged not (k,)
+                booleans, vectors not (n, k) finite.
+        """
+        file = ResultFile(path, "Eigenpairs", "Eigenpairs.save")
+        values = file.array("values", shape=(None,), nan=False, inf=False)
+        (k,) = values.shape
+        residuals = file.array("residuals", shape=(k,), like="(one per value)", minimum=0.0)
+        converged = file.array("converged", "bool", shape=(k,), like="(one per value)")
+        if "vectors" in file.arrays:
+            vectors = file.array(
+                "vectors",
+                shape=(None, k),
+                like="(n, k): one column per value",
+                nan=False,
+                inf=False,
+            )
+        else:
+            vectors = np.zeros((0, k))
+        return cls(values, vectors, residuals, converged, file.meta)
 
 
 def top_eigenpairs(

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.linalg
 from scipy.optimize import minimize_scalar
 
-from ..results import environment_metadata, load_result, save_result
+from ..results import ResultFile, environment_metadata, save_result
 
 #: Default eps values of the Kreiss bound, relative to max(||T||_2, tiny).
 DEFAULT_RELATIVE_EPS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -254,20 +254,38 @@ class TransientBounds:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TransientBounds:
-        arrays, meta = load_result(path)
-        meta.pop("kind", None)
+        """Read bounds written by :meth:`save`; round-trips exactly.
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                power_norms and upper not of one length K + 1, the eps arrays not of one
+                length, eps_values not positive, norms or rho negative, measured_argmax not
+                in [0, K], n not a positive integer.
+        """
+        file = ResultFile(path, "TransientBounds", "TransientBounds.save")
+        power_norms = file.array("power_norms", shape=(None,), minimum=0.0)
+        if power_norms.size == 0:
+            raise ValueError(f"{file.npz_path}: power_norms is empty (it holds k = 0..K)")
+        upper = file.array("upper", shape=power_norms.shape, like="as power_norms")
+        eps_values = file.array("eps_values", shape=(None,), nan=False, inf=False)
+        if np.any(eps_values <= 0):
+            raise ValueError(f"{file.npz_path}: eps_values must be > 0, got {eps_values}")
+        radii = file.array("pseudospectral_radii", shape=eps_values.shape, like="as eps_values")
+        kreiss = file.array("kreiss", shape=eps_values.shape, like="as eps_values")
+        file.check_optional("n", lambda name: file.integer(name, minimum=1))
         return cls(
-            rho=float(meta.pop("rho")),
-            kappa=float(meta.pop("kappa")),
-            power_norms=arrays["power_norms"],
-            upper=arrays["upper"],
-            eps_values=arrays["eps_values"],
-            pseudospectral_radii=arrays["pseudospectral_radii"],
-            kreiss=arrays["kreiss"],
-            kreiss_lower=float(meta.pop("kreiss_lower")),
-            measured_max=float(meta.pop("measured_max")),
-            measured_argmax=int(meta.pop("measured_argmax")),
-            meta=meta,
+            rho=file.number("rho", nan=False, minimum=0.0),
+            kappa=file.number("kappa", nan=False, minimum=0.0),
+            power_norms=power_norms,
+            upper=upper,
+            eps_values=eps_values,
+            pseudospectral_radii=radii,
+            kreiss=kreiss,
+            kreiss_lower=file.number("kreiss_lower"),
+            measured_max=file.number("measured_max", minimum=0.0),
+            measured_argmax=file.integer("measured_argmax", 0, power_norms.size - 1),
+            meta=file.meta,
         )
 
 

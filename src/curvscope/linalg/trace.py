@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..results import environment_metadata, load_result, save_result
+from ..results import ResultFile, environment_metadata, save_result
 from .interface import LinearOperatorLike, apply_rows, as_operator, rademacher_rows
 
 TraceMethod = Literal["hutchinson", "hutch++"]
@@ -42,10 +42,19 @@ class TraceEstimate:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TraceEstimate:
-        arrays, meta = load_result(path)
-        value, std_error = float(meta.pop("value")), float(meta.pop("std_error"))
-        meta.pop("kind", None)
-        return cls(value, std_error, arrays["samples"], meta)
+        """Read an estimate written by :meth:`save`; round-trips exactly.
+
+        Raises:
+            FileNotFoundError: A file is missing.
+            ValueError: A file is damaged or inconsistent (naming the file and the field):
+                samples not a 1-D real array, value not a number, std_error not >= 0 or NaN
+                (NaN: a single stochastic sample).
+        """
+        file = ResultFile(path, "Trace", "TraceEstimate.save")
+        samples = file.array("samples", shape=(None,))
+        value = file.number("value")
+        std_error = file.number("std_error", minimum=0.0)
+        return cls(value, std_error, samples, file.meta)
 
 
 def _quadratic_forms(op: LinearOperatorLike, rows: torch.Tensor, block: int) -> torch.Tensor:

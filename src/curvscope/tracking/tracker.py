@@ -44,9 +44,15 @@ with the reason; the snapshot is then recorded without its scalars, with the rea
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
+import json
 import logging
+import math
 import operator
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -61,9 +67,10 @@ from ..analysis.density import spectrum_structure
 from ..distributed import is_distributed, rank
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
-from ..operators.functional import random_modules
+from ..operators.data import default_unpack, first_tensor
+from ..operators.functional import default_dtype_for, random_modules
 from .schedule import Schedule
-from .store import RunStore, _as_scalar
+from .store import RUN_FILE, RunStore, _as_scalar
 
 logger = logging.getLogger("curvscope.tracking")
 
@@ -238,7 +245,10 @@ class Tracker:
         dtype: Product dtype; default float64 on CPU (see HessianOperator).
         progress: Print one line per snapshot with ``tqdm.write`` (the line is always logged
             to the "curvscope.tracking" logger at INFO).
-        resume: Continue an existing run folder: steps already committed are skipped.
+        resume: Continue an existing run folder: steps already committed are skipped. The
+            settings must equal the stored ones (``dtype=None`` and the dtype it resolves to
+            count as equal), and so must the loss, data, parameters and product dtype (see
+            "Resume" below).
         extra: JSON-able user metadata stored in ``run.json`` (must match on resume).
         save_vectors: Store the eigenvectors of "top" (n x k float64 per snapshot).
         operator_options: More keyword arguments of HessianOperator (``keep_graphs``,
@@ -271,12 +281,40 @@ class Tracker:
     A measurement that needs another one (``tracker.current``) is skipped when that one was
     skipped or failed at the snapshot.
 
+    Resume: a series must measure one Hessian, so every snapshot stores in its manifest what
+    identifies it (:attr:`identity`, taken at the first snapshot of a session):
+
+    - "loss": the loss function as text: a module's qualified class name with its settings
+      (attributes such as ``label_smoothing``; its parameters and buffers by sha256) and
+      repr; a function's ``module.qualname``; a ``functools.partial``'s function with its
+      arguments.
+    - "data": a fingerprint of one pass over ``data`` that does not depend on the order of
+      the batches or of the samples (a shuffling DataLoader resumes): the number of samples
+      and, per tensor of ``(inputs, targets)`` (after ``operator_options["unpack_batch"]``),
+      its shape after the batch dimension, dtype, number of elements, and float64 sums of
+      its values, their squares and its values weighted by their position in a sample (a
+      one-hot label moved to another class changes it), and the sum over samples of
+      (weighted input sum) x (weighted target sum), which sees targets given to other
+      inputs. Sums are compared with a relative tolerance of 1e-9, far above the rounding
+      of one pass and far below any change of a sample's values.
+    - "params": the analysed parameters' names (tensors are found in
+      ``model.named_parameters()`` by identity); for ``params=None`` the number of
+      trainable tensors and a sha256 of their names.
+    - "dtype": the product dtype the operator resolved.
+
+    A resumed Tracker compares the loss, the data (one pass over it) and parameters given by
+    name when it is made, and everything at its first snapshot, with the identity of the
+    run's latest snapshot; any difference is a ``ValueError`` naming it. Run folders written
+    before identities were stored resume without these checks.
+
     Attributes:
         store: The :class:`RunStore`.
         current: During a snapshot, name -> (scalars, results) of the measurements done so far.
         current_notes: During a snapshot, name -> note of the measurements skipped or failed
             so far.
         last: The last :class:`Snapshot` written in this session (None before).
+        identity: What this session measures (loss, data, params, dtype; see "Resume"),
+            stored with each of its snapshots; None before its first snapshot.
     """
 
     def __init__(
@@ -317,7 +355,7 @@ class Tracker:
         self.density_probes = int(density_probes)
         self.trace_probes = int(trace_probes)
         self.seed = int(seed)
-        self.params = params
+        self.params = None if params is None else list(params)
         self.dtype = dtype
         self.progress = progress
         self.save_vectors = bool(save_vectors)
@@ -334,21 +372,36 @@ class Tracker:
             "density_probes": self.density_probes,
             "trace_probes": self.trace_probes,
             "seed": self.seed,
-            "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
-            "params": None if params is None else [_param_label(p) for p in params],
+            "dtype": _dtype_name(dtype),
+            "params": None if self.params is None else [_param_label(p) for p in self.params],
             "save_vectors": self.save_vectors,
             "extra": dict(extra or {}),
         }
         if self.eval_mode:  # only when set, so runs written before the option still resume
             self.config["eval_mode"] = True
-        self.store = RunStore(_rank_run_dir(run_dir), config=self.config, resume=resume)
+        path = _rank_run_dir(run_dir)
+        # (stored, given) dtype spellings when one is None and the other explicit: the same
+        # settings if None resolves to the explicit dtype, checked at the first snapshot.
+        self._dtype_spellings: tuple[str | None, str | None] | None = None
+        if resume:
+            self._adopt_stored_dtype_spelling(path)
+        self.store = RunStore(path, config=self.config, resume=resume)
         for problem in self.store.problems:
             logger.warning("run folder: %s", problem)
         self.current: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self.current_notes: dict[str, dict[str, str]] = {}
         self.last: Snapshot | None = None
+        self.identity: dict[str, Any] | None = None
+        self._loss_identity = _loss_identity(loss_fn)
+        self._data_identity: dict[str, Any] | None = None
         self._written: set[int] = set()
         self._succeeded: set[str] = set()  # measurements (and _OPERATOR) that worked once
+        if self.store.last_identity is not None:
+            try:  # fail before any training time is spent, as far as it can be told now
+                self._check_identity(self._identity_before_model(self.store.last_identity))
+            except BaseException:
+                self.store.close()
+                raise
 
     @property
     def run_dir(self) -> Path:
@@ -400,7 +453,10 @@ class Tracker:
         self.current, self.current_notes = _Current(notes), notes
         try:
             with _preserved_random_state(), _modes_restored(model, self.eval_mode):
+                params = self._params_identity(model) if self.identity is None else None
                 op = self._build_operator(step, model, notes)
+                if op is not None and self.identity is None:
+                    self._take_identity(model, op, params)
                 if op is not None:
                     row["num_params"] = op.shape[0]
                     for name, measure in self.measurements.items():
@@ -415,7 +471,7 @@ class Tracker:
             row[key] = value
         row["time_total_s"] = time.perf_counter() - started
         row["unix_time"] = time.time()
-        path = self.store.write_snapshot(step, row, results, notes=notes)
+        path = self.store.write_snapshot(step, row, results, notes=notes, identity=self.identity)
         self._written.add(step)
         written = {name: _plain(value) for name, value in row.items()}
         self.last = Snapshot(step, written, results, path, notes)
@@ -469,6 +525,121 @@ class Tracker:
                 "its own mode back after each snapshot)"
             )
         return error
+
+    # -- what the run measures (see "Resume" in the class docstring) ----------------------
+
+    def _adopt_stored_dtype_spelling(self, path: Path) -> None:
+        """Take the stored run's dtype spelling when only the None/explicit spelling differs.
+
+        ``dtype=None`` resolves to float64 on the CPU (the model's dtype elsewhere), so a run
+        made with None and resumed with ``torch.float64`` (or the reverse) measures the same
+        Hessian; the config check of the store compares exactly, so the stored spelling is
+        kept, and the resolved dtype is compared at the first snapshot.
+        """
+        try:
+            stored = json.loads((path / RUN_FILE).read_text()).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            return  # no run yet, or one the store reports with its own error
+        if not isinstance(stored, dict) or "dtype" not in stored:
+            return
+        old, new = stored["dtype"], self.config["dtype"]
+        if old != new and (old is None or new is None):
+            self.config["dtype"] = old
+            self._dtype_spellings = (old, new)
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        """The data's fingerprint; one pass over the data, taken once per Tracker."""
+        if self._data_identity is None:
+            unpack = self.operator_options.get("unpack_batch") or default_unpack
+            with _preserved_random_state():  # a shuffling DataLoader draws from the global RNG
+                self._data_identity = _data_fingerprint(self.data, unpack)
+        return self._data_identity
+
+    def _identity_before_model(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """What can be compared before a model is seen: the loss, the data (only when the
+        stored run has a data fingerprint to compare with) and parameters given by name."""
+        identity: dict[str, Any] = {"loss": self._loss_identity}
+        if "data" in stored:
+            identity["data"] = self._data_fingerprint()
+        if self.params is not None and all(isinstance(p, str) for p in self.params):
+            identity["params"] = list(self.params)
+        return identity
+
+    def _params_identity(self, model: nn.Module) -> list[str] | str:
+        """Names of the analysed parameters (tensors found in the model by identity); for
+        ``params=None`` the count of trainable tensors and a sha256 of their names."""
+        named = list(model.named_parameters())
+        if self.params is None:
+            names = [name for name, p in named if p.requires_grad]
+            digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+            return f"all {len(names)} trainable tensors (names sha256 {digest})"
+        resolved = []
+        for index, item in enumerate(self.params):
+            if isinstance(item, torch.Tensor):
+                name = next((name for name, p in named if p is item), None)
+                if name is None:
+                    raise ValueError(
+                        f"params[{index}], a tensor of shape {list(item.shape)}, is not a "
+                        f"parameter of the model given to Tracker.step ({type(model).__name__}): "
+                        "pass that model's own parameter tensors (as in "
+                        "model.named_parameters()) or their names"
+                    )
+                resolved.append(name)
+            else:
+                resolved.append(_param_label(item))
+        return resolved
+
+    def _take_identity(
+        self, model: nn.Module, op: HessianOperator, params: list[str] | str | None
+    ) -> None:
+        """Set :attr:`identity` at the session's first snapshot and, on resume, compare it
+        with the stored run's (before anything is measured)."""
+        identity = {
+            "loss": self._loss_identity,
+            "data": self._data_fingerprint(),
+            "params": params if params is not None else self._params_identity(model),
+            "dtype": _dtype_name(op.dtype),
+        }
+        stored = self.store.last_identity
+        if self._dtype_spellings is not None and (stored is None or "dtype" not in stored):
+            self._check_dtype_spelling(model, op)
+        if stored is not None:
+            self._check_identity(identity)
+        self.identity = identity
+
+    def _check_dtype_spelling(self, model: nn.Module, op: HessianOperator) -> None:
+        """A run stored without identities, resumed with the other spelling of its dtype
+        (None vs explicit): accepted when None resolves to the explicit dtype here."""
+        if self._dtype_spellings is None:
+            return
+        stored, given = self._dtype_spellings
+        if self.dtype is None:  # stored explicit, now None: op.dtype is what None resolved to
+            resolved, explicit = _dtype_name(op.dtype), stored
+        else:  # stored None, now explicit: what None would resolve to on this model
+            first = dict(model.named_parameters())[op.function.names[0]]
+            resolved, explicit = _dtype_name(default_dtype_for(op.device, first.dtype)), given
+        if resolved != explicit:
+            advice = "dtype=None" if stored is None else f"dtype=torch.{stored}"
+            raise ValueError(
+                f"cannot resume {self.store.path}: dtype: stored {stored!r}, now {given!r}, "
+                f"but dtype=None resolves to {resolved} here. Resume with the stored "
+                f"{advice}, or start a new run folder"
+            )
+
+    def _check_identity(self, identity: Mapping[str, Any]) -> None:
+        """Refuse to resume when ``identity`` differs from the stored run's latest snapshot
+        (keys absent on either side are not compared)."""
+        stored = self.store.last_identity
+        if stored is None:
+            return
+        differences = _identity_differences(stored, identity)
+        if differences:
+            raise ValueError(
+                f"cannot resume {self.store.path}: what is measured differs from the stored "
+                f"run ({'; '.join(differences)}). A series must measure one Hessian: resume "
+                "with the same loss_fn, data (the order of batches and samples may change) "
+                "and params (and dtype), or start a new run folder"
+            )
 
     def _measure(
         self,
@@ -632,6 +803,258 @@ def _param_label(param: Any) -> str:
         return param
     shape = tuple(getattr(param, "shape", ()))
     return f"tensor{list(shape)}"
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.float64`` -> "float64"; None stays None."""
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Identity of a run: loss, data, parameters, dtype (see "Resume" in Tracker)
+
+#: Relative tolerance of the data fingerprint's sums. One pass sums each batch in float64
+#: (rounding about log2(elements) * 2**-53 of the sum of magnitudes) and adds the batch sums
+#: exactly (math.fsum), so another batch order moves a sum by ~1e-15 relative, while changing
+#: one value of one sample moves it by far more than 1e-9.
+_DATA_RTOL = 1e-9
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _qualified(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    return f"{module}.{name}" if name else _qualified(type(obj))
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` without memory addresses (which change from one process to the next)."""
+    return _ADDRESS.sub("", repr(value))
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return f"tensor{list(tensor.shape)} {_dtype_name(tensor.dtype)} sha256 {digest}"
+
+
+def _settings(obj: Any, prefix: str = "") -> list[str]:
+    """``name=value`` of an object's public plain attributes (numbers, strings, tuples)."""
+    plain = (bool, int, float, str, type(None))
+    entries = []
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, plain) or (
+            isinstance(value, tuple) and all(isinstance(v, plain) for v in value)
+        ):
+            entries.append(f"{prefix}{key}={value!r}")
+        elif isinstance(value, torch.Tensor):
+            entries.append(f"{prefix}{key}={_tensor_digest(value)}")
+    return entries
+
+
+def _loss_identity(loss_fn: Any) -> str:
+    """A stable text naming the loss function (the same in every process for the same loss).
+
+    A module: its qualified class name, the plain attributes of it and its submodules
+    (``reduction``, ``label_smoothing``, ...), its parameters and buffers by sha256, and its
+    repr. A function: ``module.qualname``. A ``functools.partial``: its function's identity
+    with the arguments' reprs. Any other callable: its class and plain attributes (or its
+    own repr). Memory addresses are left out.
+    """
+    if isinstance(loss_fn, functools.partial):
+        arguments = [_stable_repr(a) for a in loss_fn.args]
+        arguments += [f"{k}={_stable_repr(v)}" for k, v in sorted(loss_fn.keywords.items())]
+        return f"functools.partial({_loss_identity(loss_fn.func)}, {', '.join(arguments)})"
+    if isinstance(loss_fn, nn.Module):
+        entries = []
+        for prefix, module in loss_fn.named_modules():
+            entries += _settings(module, f"{prefix}." if prefix else "")
+        tensors = [*loss_fn.named_parameters(), *loss_fn.named_buffers()]
+        entries += [f"{name}={_tensor_digest(tensor)}" for name, tensor in tensors]
+        text = f"{_qualified(type(loss_fn))}({', '.join(entries)})"
+        shown = _stable_repr(loss_fn)
+        return text if shown == f"{type(loss_fn).__name__}()" else f"{text} {shown}"
+    if inspect.ismethod(loss_fn):
+        return f"{_qualified(loss_fn.__func__)} (method of a {_qualified(type(loss_fn.__self__))})"
+    if inspect.isroutine(loss_fn) or inspect.isclass(loss_fn):
+        return _qualified(loss_fn)
+    if type(loss_fn).__repr__ is not object.__repr__:
+        return f"{_qualified(type(loss_fn))} {_stable_repr(loss_fn)}"
+    entries = _settings(loss_fn) if hasattr(loss_fn, "__dict__") else []
+    return f"{_qualified(type(loss_fn))}({', '.join(entries)})"
+
+
+def _tensor_leaves(obj: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in a nested tensor, tuple, list or dict."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _tensor_leaves(value, f"{path}[{key!r}]")
+    elif isinstance(obj, (tuple, list)):
+        for index, value in enumerate(obj):
+            yield from _tensor_leaves(value, f"{path}[{index}]")
+
+
+def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    x = tensor.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    if x.device.type not in ("cpu", "cuda"):  # e.g. MPS has no float64
+        x = x.cpu()
+    return x.to(torch.float64)
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _position_weights(size: int, device: torch.device) -> torch.Tensor:
+    """Fixed weights 1 + frac(j * golden ratio) in [1, 2), distinct for every position j, so a
+    weighted sum changes when values move to other positions."""
+    positions = torch.arange(size, dtype=torch.float64, device=device)
+    return 1 + torch.remainder(positions * _GOLDEN, 1.0)
+
+
+def _data_fingerprint(data: Iterable[Any], unpack: Callable[[Any], Any]) -> dict[str, Any]:
+    """One pass over ``data``: a fingerprint that ignores the order of batches and samples.
+
+    ``{"samples": N, "leaves": {path: {...}}, "pairing": ..., "pairing_abs": ...}``. Per
+    tensor of ``(inputs, targets)``: its shape after the batch dimension ("varies" when
+    batches differ), dtype, number of elements, and float64 sums of its values ("sum"), their
+    squares ("sum_sq") and its values weighted by their position inside a sample
+    ("weighted_sum", see :func:`_position_weights`: it sees a one-hot label moved to another
+    class). "pairing" is the sum over samples of (position-weighted sum of the sample's
+    inputs) x (that of its targets), which sees targets given to other inputs, and
+    "pairing_abs" the sum of its terms' magnitudes (its scale).
+    """
+    samples = 0
+    leaves: dict[str, dict[str, Any]] = {}
+    partials: dict[str, dict[str, list[float]]] = {}
+    pairing: list[float] = []
+    pairing_abs: list[float] = []
+    for raw in data:
+        inputs, targets = unpack(raw)
+        reference = first_tensor(targets)
+        if reference is None:
+            reference = first_tensor(inputs)
+        if reference is None:
+            continue  # the operator refuses such a batch with its own error
+        size = int(reference.shape[0]) if reference.ndim > 0 else 1
+        samples += size
+        rows: dict[str, torch.Tensor] = {}
+        for side, part in (("inputs", inputs), ("targets", targets)):
+            for path, tensor in _tensor_leaves(part, side):
+                x = _as_float64(tensor)
+                per_sample = x.ndim > 0 and x.shape[0] == size
+                if per_sample:
+                    flat = x.flatten(1) if x.ndim > 1 else x.unsqueeze(1)
+                else:
+                    flat = x.reshape(1, x.numel())
+                weighted = flat @ _position_weights(flat.shape[1], flat.device)
+                leaf = leaves.setdefault(
+                    path,
+                    {"shape": list(tensor.shape[1:]), "dtype": _dtype_name(tensor.dtype)},
+                )
+                if leaf["shape"] != list(tensor.shape[1:]):
+                    leaf["shape"] = "varies"
+                if leaf["dtype"] != _dtype_name(tensor.dtype):
+                    leaf["dtype"] = "varies"
+                leaf["elements"] = leaf.get("elements", 0) + tensor.numel()
+                sums = partials.setdefault(path, {"sum": [], "sum_sq": [], "weighted_sum": []})
+                sums["sum"].append(float(x.sum()))
+                sums["sum_sq"].append(float(x.square().sum()))
+                sums["weighted_sum"].append(float(weighted.sum()))
+                if per_sample:
+                    rows[side] = rows[side] + weighted if side in rows else weighted
+        if "inputs" in rows and "targets" in rows:
+            products = rows["inputs"] * rows["targets"]
+            pairing.append(float(products.sum()))
+            pairing_abs.append(float(products.abs().sum()))
+    for path, sums in partials.items():
+        leaves[path].update({key: math.fsum(values) for key, values in sums.items()})
+    fingerprint: dict[str, Any] = {"samples": samples, "leaves": leaves}
+    if pairing:
+        fingerprint["pairing"] = math.fsum(pairing)
+        fingerprint["pairing_abs"] = math.fsum(pairing_abs)
+    return fingerprint
+
+
+def _close(a: Any, b: Any, scale: float) -> bool:
+    """Equal floats up to ``_DATA_RTOL * scale`` (NaN equals NaN, an infinity itself)."""
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return bool(a == b)
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return True
+    return abs(a - b) <= _DATA_RTOL * scale
+
+
+def _data_differences(stored: Any, now: Any) -> list[str]:
+    """What differs between two data fingerprints, one entry per difference."""
+    if not isinstance(stored, Mapping) or not isinstance(now, Mapping):
+        return [] if stored == now else [f"data: stored {stored!r}, now {now!r}"]
+    found = []
+    if stored.get("samples") != now.get("samples"):
+        found.append(f"data: stored {stored.get('samples')} samples, now {now.get('samples')}")
+    old, new = stored.get("leaves", {}), now.get("leaves", {})
+    for path in sorted(set(old) | set(new)):
+        if path not in new:
+            found.append(f"data: stored a tensor at {path}, now none")
+            continue
+        if path not in old:
+            found.append(f"data: no tensor at {path} stored, now one")
+            continue
+        a, b = old[path], new[path]
+        for key in ("shape", "dtype", "elements"):
+            if a.get(key) != b.get(key):
+                found.append(f"data: {path} {key} stored {a.get(key)!r}, now {b.get(key)!r}")
+        squares = max(_magnitude(a.get("sum_sq")), _magnitude(b.get("sum_sq")))
+        elements = max(_magnitude(a.get("elements")), _magnitude(b.get("elements")))
+        spread = math.sqrt(elements * squares)  # >= the sum of magnitudes
+        scales = {"sum": spread, "sum_sq": squares, "weighted_sum": 2 * spread}
+        for key, scale in scales.items():
+            if not _close(a.get(key), b.get(key), scale):
+                found.append(f"data: {path} {key} stored {a.get(key)!r}, now {b.get(key)!r}")
+    if "pairing" in stored and "pairing" in now:
+        scale = max(_magnitude(stored.get("pairing_abs")), _magnitude(now.get("pairing_abs")))
+        if not _close(stored["pairing"], now["pairing"], scale):
+            found.append(
+                "data: the samples' inputs and targets are paired differently (sum over "
+                f"samples of input sum x target sum stored {stored['pairing']!r}, now "
+                f"{now['pairing']!r})"
+            )
+    return found
+
+
+def _magnitude(value: Any) -> float:
+    try:
+        value = abs(float(value))
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def _identity_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between a stored identity and this session's, over the keys both have."""
+    found = []
+    for key in sorted(set(stored) & set(now), key=lambda k: (k != "loss", k != "data", k)):
+        if key == "data":
+            found += _data_differences(stored[key], now[key])
+        elif _normalised(stored[key]) != _normalised(now[key]):
+            old, new = stored[key], now[key]
+            shown = (old, new) if isinstance(old, str) and isinstance(new, str) else None
+            old_text, new_text = shown or (repr(old), repr(new))
+            found.append(f"{key}: stored {old_text}, now {new_text}")
+    return found
+
+
+def _normalised(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples -> lists)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _resolve(
