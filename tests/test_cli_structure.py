@@ -118,11 +118,13 @@ def test_decompose_writes_every_term_and_the_terms_add_up(tmp_path, user_module)
     m = {name: first_moment(d) for name, d in densities.items()}
     scale = np.abs(m["hessian"]).max()
     np.testing.assert_allclose(m["hessian"], m["ggn"] + m["residual"], atol=1e-10 * scale)
-    parts = m["class_means"] + m["cross_class"] + m["within_class"]
+    parts = m["true_label"] + m["class_means"] + m["cross_class"] + m["within_class"]
     np.testing.assert_allclose(m["ggn"], parts, atol=1e-10 * scale)
     arrays = np.load(tmp_path / "decompose.npz")
     assert arrays["class_means_eigenvalues"].shape == (10,)
-    assert arrays["cross_class_eigenvalues"].shape == (100,)
+    assert arrays["cross_class_eigenvalues"].shape == (90,)
+    assert arrays["true_label_eigenvalues"].shape == (10,)
+    assert arrays["global_means_eigenvalues"].shape == (10,)
     assert arrays["class_counts"].sum() == 120
     summary = json.loads((tmp_path / "decompose.json").read_text())
     assert set(summary["terms"]) == set(TERMS)
@@ -170,7 +172,7 @@ def test_decompose_mse_with_integer_targets_and_custom_loss(tmp_path, user_modul
     g = first_moment(SpectralDensity.load(tmp_path / "mse" / "density_ggn"))
     parts = sum(
         first_moment(SpectralDensity.load(tmp_path / "mse" / f"density_{name}"))
-        for name in ("class_means", "cross_class", "within_class")
+        for name in ("true_label", "class_means", "cross_class", "within_class")
     )
     np.testing.assert_allclose(g, parts, atol=1e-10 * np.abs(g).max())
     # A loss given by import path has no known class split: H, G and H - G only.

@@ -46,14 +46,23 @@ from .distributed import Shard, is_distributed, is_main_process
 from .linalg import Eigenpairs, SpectralDensity
 
 #: Terms of ``decompose``, in the order of the table and the figure.
-TERMS = ("hessian", "ggn", "residual", "class_means", "cross_class", "within_class")
+TERMS = (
+    "hessian",
+    "ggn",
+    "residual",
+    "true_label",
+    "class_means",
+    "cross_class",
+    "within_class",
+)
 TERM_LABELS = {
     "hessian": "Hessian H",
     "ggn": "Gauss-Newton G",
     "residual": "residual H - G",
-    "class_means": "G: class means",
-    "cross_class": "G: cross-class",
-    "within_class": "G: within-class",
+    "true_label": "G0: true-label means",
+    "class_means": "G1: class means",
+    "cross_class": "G2: cross-class",
+    "within_class": "W: within-class",
 }
 CLASS_LOSSES = ("cross_entropy", "mse")
 #: Floor of the log-scale density panels (as :data:`curvscope.plot.DENSITY_FLOOR`).
@@ -480,7 +489,7 @@ def run_decompose(args: argparse.Namespace) -> int:
         operators["ggn"] = decomposition.ggn
         operators["residual"] = problem.operator(ResidualOperator, unpack_batch=unpack)
         terms = decomposition.terms()
-        for name in ("class_means", "cross_class", "within_class"):
+        for name in ("true_label", "class_means", "cross_class", "within_class"):
             operators[name] = terms[name]
     meta = {**problem.meta(), "class_loss": kind}
     densities: dict[str, SpectralDensity] = {}
@@ -498,8 +507,10 @@ def run_decompose(args: argparse.Namespace) -> int:
     arrays: dict[str, np.ndarray] = {}
     exact: dict[str, np.ndarray] = {}
     if decomposition is not None:
+        exact["true_label"] = lowrank_eigenvalues(decomposition.true_label)
         exact["class_means"] = lowrank_eigenvalues(decomposition.class_means)
         exact["cross_class"] = lowrank_eigenvalues(decomposition.cross_class)
+        exact["global_means"] = lowrank_eigenvalues(decomposition.global_means)
         arrays = {f"{name}_eigenvalues": values for name, values in exact.items()}
         arrays["class_counts"] = decomposition.class_counts.cpu().numpy()
     g_max = structures["ggn"].lambda_max
@@ -545,11 +556,15 @@ def run_decompose(args: argparse.Namespace) -> int:
     for name, structure in structures.items():
         print(_structure_block(structure, f"{name} ({TERM_LABELS[name]})"))
     if exact:
+        print(f"  true-label means (G0): exact eigenvalues {_fmt_values(exact['true_label'])}")
         print(
-            f"  class means: exact eigenvalues (from its C vectors) "
+            f"  class means: exact eigenvalues (G1, from its C vectors) "
             f"{_fmt_values(exact['class_means'])}"
         )
-        print(f"  cross-class: largest exact eigenvalues {_fmt_values(exact['cross_class'], 10)}")
+        print(
+            f"  cross-class (G2): largest exact eigenvalues {_fmt_values(exact['cross_class'], 10)}"
+        )
+        print(f"  global per-logit means: exact eigenvalues {_fmt_values(exact['global_means'])}")
     print(
         f"  ||H - G||_2 / ||G||_2 = {residual_ratio:.4g} (extreme Ritz values of H - G over the "
         "largest of G)"
