@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from curvscope.cli import mse_loss
+from curvscope.losses import mse_loss
 from curvscope.tracking import Tracker
 
 

@@ -40,8 +40,8 @@ from torch.nn import functional as F
 
 from curvscope import spectral_density, zoo
 from curvscope.analysis import spectrum_structure
-from curvscope.cli_structure import plot_densities
 from curvscope.operators import HessianOperator
+from curvscope.plot import plot_densities
 
 C = 10
 CHECKPOINTS = (0, 50, 150, 300)

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from curvscope import HessianOperator, top_eigenpairs, zoo
 from curvscope.analysis.stability import heavy_ball_analysis, nonnormal_report
-from curvscope.cli import mse_loss
+from curvscope.losses import mse_loss
 from curvscope.operators.update import OptimizerConfig, UpdateOperator
 from curvscope.tracking import load_run
 

@@ -47,7 +47,7 @@ FAULT_MODULE = textwrap.dedent(
     from torch.nn import functional as F
 
     from curvscope import zoo
-    from curvscope.cli import mse_loss
+    from curvscope.losses import mse_loss
 
     CALLS = 0
 

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .distributed import Shard, init_from_environment, is_distributed, is_main_process, rank
+from .losses import LOSSES
 
 PROG = "curvscope"
 DEFAULT_MODEL = "curvscope.zoo:trained_digits_mlp"
@@ -49,23 +49,6 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 class CLIError(Exception):
     """A mistake the user can fix; printed as one line, exit status 2."""
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all entries (``F.mse_loss``); integer class targets of shape
-    (b,) against outputs of shape (b, C) are one-hot encoded first."""
-    if not targets.is_floating_point() and outputs.ndim == targets.ndim + 1:
-        targets = F.one_hot(targets, outputs.shape[-1])
-    return F.mse_loss(outputs, targets.to(outputs.dtype))
-
-
-LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {
-    "cross_entropy": F.cross_entropy,
-    "mse": mse_loss,
-}
 
 
 # --------------------------------------------------------------------------- import paths

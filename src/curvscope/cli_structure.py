@@ -29,13 +29,12 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -44,6 +43,7 @@ from . import cli
 from .cli import CLIError
 from .distributed import Shard, is_distributed, is_main_process
 from .linalg import Eigenpairs, SpectralDensity
+from .plot import TERM_LABELS, plot_densities, plot_overlap
 
 #: Terms of ``decompose``, in the order of the table and the figure.
 TERMS = (
@@ -55,18 +55,7 @@ TERMS = (
     "cross_class",
     "within_class",
 )
-TERM_LABELS = {
-    "hessian": "Hessian H",
-    "ggn": "Gauss-Newton G",
-    "residual": "residual H - G",
-    "true_label": "G0: true-label means",
-    "class_means": "G1: class means",
-    "cross_class": "G2: cross-class",
-    "within_class": "W: within-class",
-}
 CLASS_LOSSES = ("cross_entropy", "mse")
-#: Floor of the log-scale density panels (as :data:`curvscope.plot.DENSITY_FLOOR`).
-DENSITY_FLOOR = 1e-7
 
 
 # --------------------------------------------------------------------------- structure
@@ -205,119 +194,6 @@ def _one_hot_unpack(
     return unpack
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def plot_densities(
-    densities: Mapping[str, SpectralDensity],
-    path: str | Path | None = None,
-    structures: Mapping[str, Any] | None = None,
-    labels: Mapping[str, str] | None = None,
-    convention: str = "ghorbani",
-    columns: int | None = None,
-    floor: float = DENSITY_FLOOR,
-    title: str | None = None,
-    dpi: int = 150,
-) -> Figure:
-    """Densities side by side, one log-scale panel each, outliers and bulk edges marked.
-
-    Args:
-        densities: {name: SpectralDensity}, drawn in this order.
-        path: Save the figure there (PNG by default).
-        structures: {name: SpectrumStructure}; outliers are drawn as red dashed lines and the
-            bulk edges as grey dotted lines.
-        labels: Panel titles by name (default: the names).
-        convention: Smoothing, "ghorbani" or "papyan"
-            (:func:`~curvscope.analysis.smoothed_density`).
-        columns: Panels per row (default: up to 3).
-        floor: Smallest density drawn (the log scale needs a floor).
-        title: Figure title.
-        dpi: Resolution of the saved image.
-
-    Returns:
-        The ``matplotlib.figure.Figure``.
-    """
-    from .analysis import smoothed_density
-
-    names = list(densities)
-    if not names:
-        raise ValueError("no densities to plot")
-    columns = columns or min(3, len(names))
-    rows = -(-len(names) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
-    for ax, name in zip(axes, names, strict=False):
-        density = densities[name]
-        grid, values = smoothed_density(density, convention, num=4000)  # type: ignore[arg-type]
-        ax.semilogy(grid, np.maximum(values, floor), color="C0", linewidth=1.0)
-        ax.set_ylim(bottom=floor * 0.5)
-        heading = (labels or {}).get(name, name)
-        structure = (structures or {}).get(name)
-        if structure is not None:
-            for i, value in enumerate(structure.outliers):
-                ax.axvline(
-                    value,
-                    color="C3",
-                    linestyle="--",
-                    linewidth=0.7,
-                    label="outliers" if i == 0 else None,
-                )
-            for value in structure.outliers_low:
-                ax.axvline(value, color="C3", linestyle="--", linewidth=0.7)
-            for i, edge in enumerate((structure.bulk_min, structure.bulk_max)):
-                ax.axvline(
-                    edge,
-                    color="0.5",
-                    linestyle=":",
-                    linewidth=0.8,
-                    label="bulk edges" if i == 0 else None,
-                )
-            heading += f"\n{structure.num_outliers} outliers above the bulk"
-            if structure.num_outliers_low:
-                heading += f", {structure.num_outliers_low} below"
-            ax.legend(loc="upper right", fontsize="x-small")
-        ax.set_title(heading, fontsize="medium")
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density (log)")
-        ax.grid(True, alpha=0.3, linestyle="--")
-    for ax in axes[len(names) :]:
-        ax.set_visible(False)
-    if title:
-        figure.suptitle(title)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=dpi)
-    return figure
-
-
-def plot_overlap(result: Any, path: str | Path | None = None, dpi: int = 150) -> Figure:
-    """Per-eigenvector shares (u_i . g)^2 / ||g||^2 of a GradientOverlap, as bars."""
-    figure = Figure(figsize=(7, 3.6), layout="constrained")
-    ax = figure.subplots()
-    index = np.arange(1, result.k + 1)
-    ax.bar(index, result.shares, color="C0")
-    ax.axhline(1.0 / result.n, color="C3", linestyle="--", linewidth=0.8, label="random: 1/n each")
-    ax.set_xlabel("eigenvector (by eigenvalue, largest first)")
-    ax.set_ylabel("share of ||g||^2")
-    ax.set_xticks(index)
-    if result.k <= 12:
-        ax.set_xticklabels(
-            [f"{i}\n{v:.3g}" for i, v in zip(index, result.eigenvalues, strict=True)],
-            fontsize="x-small",
-        )
-    ax.set_title(
-        f"gradient in the top-{result.k} eigenspace: {result.overlap:.3f} of ||g||^2 "
-        f"(random: {result.baseline:.2g})",
-        fontsize="medium",
-    )
-    ax.legend(fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3, linestyle="--")
-    if path is not None:
-        figure.savefig(path, dpi=dpi)
-    return figure
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -337,19 +213,6 @@ def _density(op: Any, args: argparse.Namespace, label: str) -> SpectralDensity:
             num_probes=args.probes,
             seed=args.seed,
         )
-
-
-def lowrank_eigenvalues(op: Any) -> np.ndarray:
-    """Nonzero spectrum of a weighted low-rank operator M diag(w) M^T, exactly, descending.
-
-    The eigenvalues of M diag(w) M^T are those of the r x r matrix
-    diag(sqrt w) M^T M diag(sqrt w) (weights are non-negative here); no Lanczos needed.
-    """
-    columns = op.columns.detach().to("cpu", torch.float64).numpy()
-    weights = op.weights.detach().to("cpu", torch.float64).numpy()
-    root = np.sqrt(np.clip(weights, 0.0, None))
-    gram = root[:, None] * (columns.T @ columns) * root[None, :]
-    return np.sort(np.linalg.eigvalsh(gram))[::-1]
 
 
 def _fmt_values(values: Sequence[float] | np.ndarray, limit: int = 12) -> str:
@@ -507,10 +370,10 @@ def run_decompose(args: argparse.Namespace) -> int:
     arrays: dict[str, np.ndarray] = {}
     exact: dict[str, np.ndarray] = {}
     if decomposition is not None:
-        exact["true_label"] = lowrank_eigenvalues(decomposition.true_label)
-        exact["class_means"] = lowrank_eigenvalues(decomposition.class_means)
-        exact["cross_class"] = lowrank_eigenvalues(decomposition.cross_class)
-        exact["global_means"] = lowrank_eigenvalues(decomposition.global_means)
+        exact["true_label"] = decomposition.true_label.eigenvalues()
+        exact["class_means"] = decomposition.class_means.eigenvalues()
+        exact["cross_class"] = decomposition.cross_class.eigenvalues()
+        exact["global_means"] = decomposition.global_means.eigenvalues()
         arrays = {f"{name}_eigenvalues": values for name, values in exact.items()}
         arrays["class_counts"] = decomposition.class_counts.cpu().numpy()
     g_max = structures["ggn"].lambda_max

@@ -8,7 +8,7 @@ backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,137 @@ def plot_density(
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=dpi)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Several densities side by side (curvscope decompose, blocks), and a gradient's overlap
+
+#: Panel titles of the terms of the Hessian's decomposition H = G + (H - G), with G split into
+#: Papyan's G0 + G1 + G2 + W (:mod:`curvscope.operators.class_structure`; ``curvscope
+#: decompose``).
+TERM_LABELS = {
+    "hessian": "Hessian H",
+    "ggn": "Gauss-Newton G",
+    "residual": "residual H - G",
+    "true_label": "G0: true-label means",
+    "class_means": "G1: class means",
+    "cross_class": "G2: cross-class",
+    "within_class": "W: within-class",
+}
+
+
+def plot_densities(
+    densities: Mapping[str, SpectralDensity],
+    path: str | os.PathLike[str] | None = None,
+    structures: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+    convention: str = "ghorbani",
+    columns: int | None = None,
+    floor: float = DENSITY_FLOOR,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Figure:
+    """Densities side by side, one log-scale panel each, outliers and bulk edges marked.
+
+    Args:
+        densities: {name: SpectralDensity}, drawn in this order.
+        path: Save the figure there (PNG by default).
+        structures: {name: SpectrumStructure}; outliers are drawn as red dashed lines and the
+            bulk edges as grey dotted lines.
+        labels: Panel titles by name (default: the names), e.g. :data:`TERM_LABELS`.
+        convention: Smoothing, "ghorbani" or "papyan"
+            (:func:`~curvscope.analysis.smoothed_density`).
+        columns: Panels per row (default: up to 3).
+        floor: Smallest density drawn (the log scale needs a floor; :data:`DENSITY_FLOOR`).
+        title: Figure title.
+        dpi: Resolution of the saved image.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    from .analysis import smoothed_density
+
+    names = list(densities)
+    if not names:
+        raise ValueError("no densities to plot")
+    columns = columns or min(3, len(names))
+    rows = -(-len(names) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        density = densities[name]
+        grid, values = smoothed_density(density, convention, num=4000)  # type: ignore[arg-type]
+        ax.semilogy(grid, np.maximum(values, floor), color="C0", linewidth=1.0)
+        ax.set_ylim(bottom=floor * 0.5)
+        heading = (labels or {}).get(name, name)
+        structure = (structures or {}).get(name)
+        if structure is not None:
+            heading += _mark_structure(ax, structure)
+        ax.set_title(heading, fontsize="medium")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (log)")
+        ax.grid(True, alpha=0.3, linestyle="--")
+    for ax in axes[len(names) :]:
+        ax.set_visible(False)
+    if title:
+        figure.suptitle(title)
+    _save(figure, path, dpi)
+    return figure
+
+
+def _mark_structure(ax: Axes, structure: Any) -> str:
+    """Draw a SpectrumStructure's outliers and bulk edges on ``ax``; the title's second line."""
+    for i, value in enumerate(structure.outliers):
+        ax.axvline(
+            value, color="C3", linestyle="--", linewidth=0.7, label="outliers" if i == 0 else None
+        )
+    for value in structure.outliers_low:
+        ax.axvline(value, color="C3", linestyle="--", linewidth=0.7)
+    for i, edge in enumerate((structure.bulk_min, structure.bulk_max)):
+        ax.axvline(
+            edge, color="0.5", linestyle=":", linewidth=0.8, label="bulk edges" if i == 0 else None
+        )
+    ax.legend(loc="upper right", fontsize="x-small")
+    line = f"\n{structure.num_outliers} outliers above the bulk"
+    if structure.num_outliers_low:
+        line += f", {structure.num_outliers_low} below"
+    return line
+
+
+def plot_overlap(result: Any, path: str | os.PathLike[str] | None = None, dpi: int = 150) -> Figure:
+    """Per-eigenvector shares (u_i . g)^2 / ||g||^2 of a gradient, as bars.
+
+    Args:
+        result: A :class:`~curvscope.analysis.GradientOverlap` (k shares of an n-vector).
+        path: Save the figure there.
+        dpi: Resolution of the saved image.
+
+    Returns:
+        The ``matplotlib.figure.Figure``: one bar per eigenvector, largest eigenvalue first,
+        and the share 1/n of a random direction.
+    """
+    figure = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = figure.subplots()
+    index = np.arange(1, result.k + 1)
+    ax.bar(index, result.shares, color="C0")
+    ax.axhline(1.0 / result.n, color="C3", linestyle="--", linewidth=0.8, label="random: 1/n each")
+    ax.set_xlabel("eigenvector (by eigenvalue, largest first)")
+    ax.set_ylabel("share of ||g||^2")
+    ax.set_xticks(index)
+    if result.k <= 12:
+        ax.set_xticklabels(
+            [f"{i}\n{v:.3g}" for i, v in zip(index, result.eigenvalues, strict=True)],
+            fontsize="x-small",
+        )
+    ax.set_title(
+        f"gradient in the top-{result.k} eigenspace: {result.overlap:.3f} of ||g||^2 "
+        f"(random: {result.baseline:.2g})",
+        fontsize="medium",
+    )
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3, linestyle="--")
+    _save(figure, path, dpi)
     return figure
 
 

@@ -1,10 +1,20 @@
-"""How much memory a device has free now: the default budgets of kept graphs and SLQ bases."""
+"""What the machine offers now: the CPUs this process may use (the default thread count) and
+the memory a device has free (the default budgets of kept graphs and SLQ bases)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+
+
+def available_cpus() -> int:
+    """The number of CPUs this process may run on (its affinity mask; ``os.cpu_count()``
+    where the platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def available_memory(device: torch.device | str) -> int | None:

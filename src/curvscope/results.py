@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from ._version import __version__
+
 
 def environment_metadata() -> dict[str, str]:
     """Versions that a reader of a saved result needs to judge it."""
     import scipy
     import torch
-
-    from . import __version__
 
     return {
         "curvscope_version": __version__,

@@ -20,8 +20,8 @@ from ..distributed import all_reduce_total_
 from ..linalg import Eigenpairs, top_eigenpairs
 from ..linalg.eigs import Which
 from ..linalg.interface import LinearOperatorLike, as_operator
-from ..operators.functional import preserved_rng
 from ..results import ResultFile, environment_metadata, save_result
+from ..rng import preserved_rng
 
 
 @dataclass(frozen=True)

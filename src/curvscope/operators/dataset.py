@@ -17,16 +17,11 @@ from torch import nn
 
 from ..distributed import all_reduce_total_
 from ..resources import memory_share
+from ..rng import preserved_rng
 from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
 from .data import Batch, DataSource, UnpackBatch, is_shuffling
-from .functional import (
-    ModelFunction,
-    ParamSpec,
-    batchnorm_in_train_mode,
-    preserved_rng,
-    random_modules,
-)
+from .functional import ModelFunction, ParamSpec, batchnorm_in_train_mode, random_modules
 from .graph_cache import GraphCache, KeepGraphs
 from .precision import ieee_float32
 

@@ -5,13 +5,12 @@ parameter and buffer) once, in the operator's dtype, and evaluate the model thro
 ``torch.func.functional_call``. BatchNorm in train mode then updates only throw-away copies of
 its running statistics, ``.grad`` of the model's parameters is never written, the model's
 train/eval mode is left as the user set it, and the global RNG state is restored after every
-pass (:func:`preserved_rng`).
+pass (:func:`curvscope.rng.preserved_rng`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,27 +18,11 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from ..rng import preserved_rng as preserved_rng  # re-exported: operators import it here
 from .data import Batch, call_model
 from .kernels import has_recurrent_layers, has_weight_norm, twice_differentiable_kernels
 
 ParamSpec = Iterable[str | nn.Parameter | torch.Tensor] | None
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the global CPU (and, when initialised, CUDA) RNG state on exit."""
-    cpu_state = torch.get_rng_state()
-    cuda_states = (
-        torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else None
-    )
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def default_dtype_for(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:

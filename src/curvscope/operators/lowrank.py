@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .base import CurvatureOperator
@@ -27,6 +28,21 @@ class LowRankOperator(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.columns @ (self.weights[:, None] * (self.columns.T @ V))
+
+    def eigenvalues(self) -> np.ndarray:
+        """The nonzero spectrum, exactly, in descending order, without Lanczos.
+
+        For non-negative weights the eigenvalues of M diag(w) M^T (n x n) are those of the
+        r x r matrix diag(sqrt w) M^T M diag(sqrt w); negative weights count as 0.
+
+        Returns:
+            float64 array of shape (r,), largest first (zeros where the rank is below r).
+        """
+        columns = self.columns.detach().to("cpu", torch.float64).numpy()
+        weights = self.weights.detach().to("cpu", torch.float64).numpy()
+        root = np.sqrt(np.clip(weights, 0.0, None))
+        gram = root[:, None] * (columns.T @ columns) * root[None, :]
+        return np.sort(np.linalg.eigvalsh(gram))[::-1]
 
 
 class LinearCombination(CurvatureOperator):

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum_, is_distributed
+from ..rng import preserved_rng
 from .autodiff import RowBackward, resolve_mode
 from .data import Batch, DataSource, UnpackBatch
-from .functional import ModelFunction, ParamSpec, preserved_rng, random_modules
+from .functional import ModelFunction, ParamSpec, random_modules
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
 from ..operators.data import default_unpack, first_tensor
 from ..operators.functional import default_dtype_for, random_modules
+from ..rng import preserved_rng
 from .schedule import Schedule
 from .store import RUN_FILE, RunStore, _as_scalar
 
@@ -452,7 +453,7 @@ class Tracker:
         notes: dict[str, dict[str, str]] = {}
         self.current, self.current_notes = _Current(notes), notes
         try:
-            with _preserved_random_state(), _modes_restored(model, self.eval_mode):
+            with preserved_rng(), _modes_restored(model, self.eval_mode):
                 params = self._params_identity(model) if self.identity is None else None
                 op = self._build_operator(step, model, notes)
                 if op is not None and self.identity is None:
@@ -551,7 +552,7 @@ class Tracker:
         """The data's fingerprint; one pass over the data, taken once per Tracker."""
         if self._data_identity is None:
             unpack = self.operator_options.get("unpack_batch") or default_unpack
-            with _preserved_random_state():  # a shuffling DataLoader draws from the global RNG
+            with preserved_rng():  # a shuffling DataLoader draws from the global RNG
                 self._data_identity = _data_fingerprint(self.data, unpack)
         return self._data_identity
 
@@ -734,30 +735,53 @@ class Tracker:
 
 
 def format_line(
-    step: int, scalars: Mapping[str, Any], notes: Mapping[str, Mapping[str, Any]] | None = None
+    step: int,
+    scalars: Mapping[str, Any],
+    notes: Mapping[str, Mapping[str, Any]] | None = None,
+    threshold_name: str = "threshold",
 ) -> str:
-    """One progress line of a snapshot.
+    """One progress line of a snapshot, as the Tracker logs it and ``curvscope track`` prints it.
 
-    ``step 120  loss 0.41  lambda_max 3.21  trace 45.1 ± 0.8  neg mass 0.012 < -0.0031  (2.1 s)``.
+    ``step 120  loss 0.41  acc 0.953  sharpness 1.02 / 2/eta 1 = 1.020  tr(H) 45.1 ± 0.80
+    neg mass 0.012 < -0.0031  tr(NTK) 8.5e+04  K 0.024  (2.1 s)``, each part only when its
+    scalar is there: ``lambda_max`` is printed when there is no ``sharpness`` (the
+    "stability" measurement), the standard error of the trace with two significant digits.
     "neg mass W < -B" is ``density_negative_mass_band``: the share of eigenvalues the SLQ
     quadrature puts below -B, where B (``density_negative_band``) is the quadrature's
     resolution (see :func:`measure_density`); the raw share below 0 is not printed because a
     near-null space makes it swing between snapshots. Measurements with a note are listed at
     the end: "[skipped: stability]", "[failed: trace]".
+
+    Args:
+        step: The snapshot's training step.
+        scalars: The snapshot's scalars (:attr:`Snapshot.scalars`).
+        notes: The snapshot's notes (:attr:`Snapshot.notes`).
+        threshold_name: How the stability threshold is named, e.g. "2/eta" for GD.
     """
     parts = [f"step {step}"]
     if "loss" in scalars:
         parts.append(f"loss {_fmt(scalars['loss'])}")
-    if "lambda_max" in scalars:
+    if "accuracy" in scalars:
+        parts.append(f"acc {scalars['accuracy']:.3f}")
+    if "sharpness" in scalars:
+        parts.append(
+            f"sharpness {_fmt(scalars['sharpness'])} / {threshold_name} "
+            f"{_fmt(scalars['stability_threshold'])} = {scalars['edge_ratio']:.3f}"
+        )
+    elif "lambda_max" in scalars:
         parts.append(f"lambda_max {_fmt(scalars['lambda_max'])}")
     if "trace" in scalars:
         error = scalars.get("trace_std_error")
-        suffix = f" ± {_fmt(error)}" if error is not None else ""
-        parts.append(f"trace {_fmt(scalars['trace'])}{suffix}")
+        suffix = f" ± {two_digits(error)}" if error is not None else ""
+        parts.append(f"tr(H) {_fmt(scalars['trace'])}{suffix}")
     if "density_negative_mass_band" in scalars:
         band = scalars.get("density_negative_band")
         suffix = f" < -{_fmt(band)}" if band is not None else ""
         parts.append(f"neg mass {_fmt(scalars['density_negative_mass_band'])}{suffix}")
+    if "ntk_trace" in scalars:
+        parts.append(f"tr(NTK) {_fmt(scalars['ntk_trace'])}")
+    if "stochastic_K" in scalars:
+        parts.append(f"K {_fmt(scalars['stochastic_K'])}")
     if "time_total_s" in scalars:
         parts.append(f"({scalars['time_total_s']:.2f} s)")
     for status in ("skipped", "failed"):
@@ -765,6 +789,11 @@ def format_line(
         if names:
             parts.append(f"[{status}: {', '.join(names)}]")
     return "  ".join(parts)
+
+
+def two_digits(value: float) -> str:
+    """Two significant digits, trailing zeros kept (a standard error): 0.2025 -> '0.20'."""
+    return f"{value:#.2g}".rstrip(".")
 
 
 def _reason(error: BaseException) -> str:
@@ -1114,22 +1143,3 @@ def _modes_restored(model: nn.Module, to_eval: bool) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextlib.contextmanager
-def _preserved_random_state() -> Iterator[None]:
-    """Leave the global torch (CPU and CUDA) and numpy RNG states as they were."""
-    torch_state = torch.get_rng_state()
-    cuda_states = (
-        torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else None
-    )
-    numpy_state = np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        np.random.set_state(numpy_state)
