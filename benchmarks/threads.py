@@ -10,7 +10,7 @@ Settings, each run in a fresh Python process so that its environment is in place
 - ``torch default, KMP_BLOCKTIME=0``: Intel OpenMP's knob, to check whether it matters here;
 - ``curvscope default``: what the ``curvscope`` program sets where the user has not
   (``curvscope.program.THREAD_ENV`` in the environment before torch loads, and
-  ``torch.set_num_threads(curvscope.cli.default_threads())``).
+  ``torch.set_num_threads(curvscope.resources.available_cpus())``).
 
 The ``spin`` column is the spin count the OpenMP runtime reports it uses
 (``OMP_DISPLAY_ENV=VERBOSE``). ``competitor`` runs one pure-Python busy loop per CPU this
@@ -48,8 +48,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from curvscope.cli import default_threads
 from curvscope.program import THREAD_ENV
+from curvscope.resources import available_cpus
 
 #: Variables every setting starts without (a user's shell usually has none of them).
 THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
@@ -98,7 +98,7 @@ def settings() -> list[Setting]:
         Setting("1 thread", threads=1),
         Setting("torch default"),
         Setting("torch default, KMP_BLOCKTIME=0", env={"KMP_BLOCKTIME": "0"}),
-        Setting("curvscope default", env=dict(THREAD_ENV), threads=default_threads()),
+        Setting("curvscope default", env=dict(THREAD_ENV), threads=available_cpus()),
     ]
 
 
@@ -143,7 +143,7 @@ def run_setting(setting: Setting, problem: str, args: argparse.Namespace, busy: 
         "probes": probes,
         "repeats": args.repeats,
     }
-    competitors = start_competitors(default_threads()) if busy else []
+    competitors = start_competitors(available_cpus()) if busy else []
     try:
         done = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps(config)],
@@ -232,7 +232,7 @@ def main() -> None:
 
     import torch
 
-    cpus = default_threads()
+    cpus = available_cpus()
     print(
         f"torch {torch.__version__}, {cpus} CPUs for this process (os.sched_getaffinity), "
         f"torch's default {torch.get_num_threads()} threads; "

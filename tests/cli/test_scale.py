@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_cli import QUIET, user_module  # noqa: F401  (fixture)
+from clitools import QUIET
 
 from curvscope import SpectralDensity
 from curvscope.cli import main
@@ -16,7 +16,7 @@ from curvscope.cli import main
 PROBLEM = ["--model", "usermod:build", "--data", "usermod:batches", "--loss", "mse"]
 
 
-def test_checkpointed_density_resumes_to_the_same_numbers(user_module, tmp_path):  # noqa: F811
+def test_checkpointed_density_resumes_to_the_same_numbers(user_module, tmp_path):
     out = tmp_path / "ckpt"
     args = ["density", *PROBLEM, *QUIET, "--iters", "12", "--probes", "3", "--out", str(out)]
     assert main([*args, "--checkpoint"]) == 0
@@ -37,7 +37,7 @@ def test_checkpointed_density_resumes_to_the_same_numbers(user_module, tmp_path)
     assert np.nanmax(np.abs(plain.nodes - first.nodes)) <= 1e-10 * np.nanmax(np.abs(plain.nodes))
 
 
-def test_torchrun_two_processes_match_one(user_module, tmp_path):  # noqa: F811
+def test_torchrun_two_processes_match_one(user_module, tmp_path):
     single_out, multi_out = tmp_path / "single", tmp_path / "multi"
     common = ["density", *PROBLEM, *QUIET, "--iters", "10", "--probes", "2", "--threads", "1"]
     assert main([*common, "--out", str(single_out)]) == 0
@@ -73,7 +73,7 @@ def test_torchrun_two_processes_match_one(user_module, tmp_path):  # noqa: F811
     assert resumed.meta["resumed"] is True
 
 
-def test_torchrun_decompose_matches_one_process(user_module, tmp_path):  # noqa: F811
+def test_torchrun_decompose_matches_one_process(user_module, tmp_path):
     """curvscope decompose under torchrun: the H, G and H - G densities of one process,
     written once by rank 0."""
     single_out, multi_out = tmp_path / "single", tmp_path / "multi"

@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from curvscope import cli
+from curvscope.cli.threads import fit_threads_to_model, num_threads
+from curvscope.resources import available_cpus
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads GNU OpenMP's report and the CPU affinity"
@@ -105,10 +107,10 @@ def test_user_settings_are_kept(tmp_path):
 
 def test_num_threads_default_and_overrides():
     args = cli.build_parser().parse_args(["density"])
-    assert cli.num_threads(args, environ={}) == cli.default_threads() >= 1
-    assert cli.num_threads(args, environ={"OMP_NUM_THREADS": "3"}) is None
+    assert num_threads(args, environ={}) == available_cpus() >= 1
+    assert num_threads(args, environ={"OMP_NUM_THREADS": "3"}) is None
     args = cli.build_parser().parse_args(["density", "--threads", "3"])
-    assert cli.num_threads(args, environ={"OMP_NUM_THREADS": "1"}) == 3
+    assert num_threads(args, environ={"OMP_NUM_THREADS": "1"}) == 3
 
 
 def test_main_called_from_python_leaves_the_environment_alone(monkeypatch, capsys):
@@ -119,7 +121,7 @@ def test_main_called_from_python_leaves_the_environment_alone(monkeypatch, capsy
 
 
 def test_small_models_get_one_thread_by_default():
-    """Below cli.ONE_THREAD_BELOW parameters sleeping threads cost more than they give."""
+    """Below ONE_THREAD_BELOW parameters sleeping threads cost more than they give."""
     before = torch.get_num_threads()
     small, large = torch.nn.Linear(10, 10), torch.nn.Linear(400, 250)  # 110 and 100,250
     try:
@@ -130,7 +132,7 @@ def test_small_models_get_one_thread_by_default():
         ]:
             torch.set_num_threads(2)
             args = argparse.Namespace(default_threads=default)
-            cli.fit_threads_to_model(args, model)
+            fit_threads_to_model(args, model)
             assert torch.get_num_threads() == expected, (default, model)
     finally:
         torch.set_num_threads(before)

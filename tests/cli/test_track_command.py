@@ -1,76 +1,19 @@
-"""``curvscope track`` and ``curvscope plot``, run in-process through ``curvscope.cli.main``.
+"""``curvscope track``: a tracked training run, resumed to the series of an uninterrupted one,
+Adam's preconditioned sharpness, and the one-line errors of its options.
 
 The problem is tiny (a 64-8-10 tanh MLP, 610 parameters, on 120 digits) and the measurements
-use a few Lanczos steps and probes, so the whole file runs in a few seconds.
-"""
+use a few Lanczos steps and probes, so the whole file runs in a few seconds."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-import textwrap
-
 import numpy as np
 import pytest
-import torch
+from clitools import TRACK as PROBLEM
+from clitools import run_one_thread as run
+from clitools import series
 
-from curvscope.cli import TRAIN_STATE, TrainingSet, main
 from curvscope.tracking import load_run
-
-QUIET = ["--no-progress", "--threads", "1"]
-
-USER_MODULE = textwrap.dedent(
-    """
-    from curvscope import zoo
-
-    def model():
-        return zoo.digits_mlp(hidden=(8,), seed=0)
-
-    def data():
-        return zoo.digits_subset(num_samples=120, batch_size=60)
-    """
-)
-PROBLEM = ["--model", "trackmod:model", "--data", "trackmod:data"]
-ALL = "top,stability,trace,density,ntk,stochastic_edge"
-SMALL = ["--density-iters", "6", "--density-probes", "2", "--trace-probes", "12"]
-
-
-@pytest.fixture(scope="module")
-def user_module(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pkg")
-    (folder / "trackmod.py").write_text(USER_MODULE)
-    sys.path.insert(0, str(folder))
-    yield folder
-    sys.path.remove(str(folder))
-    sys.modules.pop("trackmod", None)
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*args, *QUIET])
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def tracked(user_module, tmp_path_factory):
-    """A full-batch GD run with every measurement: snapshots at steps 0, 2, 4."""
-    folder = tmp_path_factory.mktemp("track") / "run"
-    args = ["track", *PROBLEM, "--steps", "4", "--schedule", "every:2", "--lr", "0.5"]
-    code, out, err = run(*args, "--measure", ALL, *SMALL, "--out", str(folder))
-    assert code == 0, err
-    return folder, out
-
-
-def series(folder):
-    run_ = load_run(folder)
-    assert run_.problems == []
-    return run_, {
-        name: values
-        for name, values in run_.scalars.items()
-        if not name.startswith("time_") and name != "unix_time"
-    }
+from curvscope.tracking.training import TRAIN_STATE
 
 
 def test_track_writes_a_loadable_run(tracked):
@@ -111,20 +54,7 @@ def test_track_writes_a_loadable_run(tracked):
     assert lines[-1] == f"run folder: {folder}"
 
 
-def test_plot_writes_the_pngs(tracked, tmp_path):
-    folder, _ = tracked
-    code, out, err = run("plot", str(folder), "--out", str(tmp_path / "figures"))
-    assert code == 0, err
-    for name in ("sharpness.png", "density_evolution.png", "traces.png"):
-        data = (tmp_path / "figures" / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert name in out
-    code, _, err = run("plot", str(folder))  # default: RUN_DIR/plots
-    assert code == 0, err
-    assert (folder / "plots" / "sharpness.png").is_file()
-
-
-def test_resume_gives_the_series_of_an_uninterrupted_run(user_module, tmp_path):
+def test_resume_gives_the_series_of_an_uninterrupted_run(track_module, tmp_path):
     # Heavy ball on minibatches of 30 (4 per epoch): the series depends on the momentum
     # buffers and on which samples each step drew, so both must be restored exactly.
     settings = [*PROBLEM, "--optimizer", "momentum", "--lr", "0.3", "--momentum", "0.8"]
@@ -155,7 +85,7 @@ def test_resume_gives_the_series_of_an_uninterrupted_run(user_module, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_adam_sharpness_is_preconditioned(user_module, tmp_path):
+def test_adam_sharpness_is_preconditioned(track_module, tmp_path):
     args = ["track", *PROBLEM, "--optimizer", "adam", "--lr", "0.01", "--steps", "3"]
     args += ["--schedule", "every:2:1", "--measure", "stability", "--out", str(tmp_path)]
     code, out, err = run(*args)
@@ -166,18 +96,6 @@ def test_adam_sharpness_is_preconditioned(user_module, tmp_path):
     np.testing.assert_allclose(values["stability_threshold"], 1.9 * 2 / (0.1 * 0.01), rtol=1e-9)
     assert "lambda_max" not in values and np.all(values["sharpness"] > 0)
     assert "Adam threshold" in out
-
-
-def test_minibatches_cover_each_epoch_without_replacement():
-    x = torch.arange(10.0)[:, None]
-    data = [(x[:6], torch.arange(6)), (x[6:], torch.arange(6, 10))]
-    training = TrainingSet(data, None, batch_size=3, seed=0, device=None)
-    assert training.num_samples == 10 and training.per_epoch == 3
-    for epoch in range(2):
-        drawn = torch.cat([training.batch(3 * epoch + i)[1] for i in range(3)])
-        assert len(set(drawn.tolist())) == 9  # one sample per epoch left out (drop last)
-    again = TrainingSet(data, None, batch_size=3, seed=0, device=None)
-    assert torch.equal(again.batch(4)[1], training.batch(4)[1])  # depends on the step only
 
 
 @pytest.mark.parametrize(
@@ -197,11 +115,9 @@ def test_minibatches_cover_each_epoch_without_replacement():
         (["track", "--model", "trackmod:nothing"], "has no attribute"),
         (["track", "--loss", "hinge"], "unknown --loss"),
         (["track", "--mea", "top"], "unrecognized arguments"),
-        (["plot", "no/such/run"], "is not a run folder"),
-        (["plot"], "required"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(user_module, tmp_path, args, message):
+def test_bad_arguments_exit_2_with_one_line(track_module, tmp_path, args, message):
     if args[0] == "track" and "--model" not in args:
         args = [*args, "--data", "trackmod:data"]
     if "--resume" not in args and args[0] == "track":
@@ -215,7 +131,7 @@ def test_bad_arguments_exit_2_with_one_line(user_module, tmp_path, args, message
     assert "Traceback" not in err + out
 
 
-def test_existing_run_needs_resume_and_empty_run_has_nothing_to_plot(user_module, tmp_path):
+def test_existing_run_needs_resume_and_empty_run_has_nothing_to_plot(track_module, tmp_path):
     args = ["track", *PROBLEM, "--steps", "0", "--measure", "top", "--out", str(tmp_path)]
     assert run(*args)[0] == 0
     code, _, err = run(*args)

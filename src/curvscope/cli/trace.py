@@ -1,0 +1,71 @@
+"""``curvscope trace``: tr(H) by Hutch++ or Hutchinson, with its standard error."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import options, report
+from .problem import DIGITS, ProblemSpec, load_problem
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``trace`` to the ``curvscope`` subcommands."""
+    parser = commands.add_parser(
+        "trace",
+        parents=[options.problem_parser(DIGITS)],
+        formatter_class=options.FORMATTER,
+        help="trace by Hutch++ or Hutchinson, with a standard error",
+        description=options.wrap(
+            "Estimate tr(H) from --probes Hessian-vector products with Rademacher "
+            "probes: Hutch++ (Meyer et al. 2021; a third sketches the top of the spectrum, whose "
+            "trace is then exact) or Hutchinson. Prints the value with its standard error and "
+            "writes trace.npz/.json (reload with curvscope.TraceEstimate.load)."
+        ),
+        epilog="examples:\n"
+        "  curvscope trace\n"
+        "  curvscope trace --probes 300 --method hutchinson\n" + options.COMMON_EPILOG,
+    )
+    parser.add_argument(
+        "--probes",
+        type=options.positive_int,
+        default=99,
+        help="Hessian-vector products in all (default: 99; hutch++ needs at least 6)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=["hutch++", "hutchinson"],
+        default="hutch++",
+        help="estimator (default: hutch++)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate, save and print tr(H) and tr(H)/n."""
+    from ..linalg import trace
+    from ..operators import HessianOperator
+
+    out = options.out_dir(args)
+    started = time.perf_counter()
+    problem = load_problem(ProblemSpec.from_args(args, DIGITS))
+    op = problem.operator(HessianOperator)
+    products = args.probes if args.method == "hutchinson" else 3 * (args.probes // 3)
+    with options.progress(args, total=products, desc="products", unit="hvp") as bar:
+        estimate = trace(
+            options.ProgressOperator(op, bar),
+            num_probes=args.probes,
+            method=args.method,
+            seed=problem.spec.seed,
+        )
+    estimate = problem.annotate(estimate, op)
+    files = estimate.save(out / "trace")
+    print(f"curvscope trace: {problem.describe(op)}")
+    print(
+        f"  tr(H)    {estimate.value:.6g} ± {report.two_digits(estimate.std_error)} (standard "
+        f"error; {args.method}, {estimate.meta['num_products']} products)"
+    )
+    print(f"  tr(H)/n  {estimate.value / op.num_params:.6g} (mean eigenvalue)")
+    print(f"  time     {time.perf_counter() - started:.1f} s")
+    print(f"  wrote    {report.paths(*files)}")
+    return 0
