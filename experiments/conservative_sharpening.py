@@ -44,7 +44,7 @@ import torch
 from matplotlib.figure import Figure
 
 from curvscope import zoo
-from curvscope.cli import mse_loss
+from curvscope.losses import mse_loss
 from curvscope.plot import plot_density_evolution
 from curvscope.tracking import Tracker, load_run
 
