@@ -46,10 +46,10 @@ from torch.nn import functional as F
 
 from curvscope import spectral_density, top_eigenpairs, trace, zoo
 from curvscope.analysis import spectrum_structure, subspace_overlap
-from curvscope.cli import mse_loss
-from curvscope.cli_structure import TERM_LABELS, lowrank_eigenvalues, plot_densities
+from curvscope.losses import mse_loss
 from curvscope.operators import HessianOperator, ResidualOperator
 from curvscope.operators.class_structure import class_decomposition
+from curvscope.plot import TERM_LABELS, plot_densities
 
 C = 10
 SIZES = (300, 900, 1797)
@@ -118,7 +118,7 @@ def analyse(loss: str, num_samples: int) -> dict:
         labels = y.argmax(1) if y.is_floating_point() else y
         accuracy = float((out.argmax(1) == labels).float().mean())
     exact = {
-        name: lowrank_eigenvalues(getattr(split, name))
+        name: getattr(split, name).eigenvalues()
         for name in ("true_label", "class_means", "cross_class", "global_means")
     }
     g_pairs = top_eigenpairs(split.ggn, k=2 * C, tol=1e-6, seed=SEED)
@@ -181,7 +181,7 @@ def analyse_init(loss: str) -> dict:
         "overlap": subspace_overlap(values.vectors[:, :k], span(split.global_means.columns)),
         "beta_sigma": sigma / sigma[0],
         "exact": {
-            name: lowrank_eigenvalues(getattr(split, name))
+            name: getattr(split, name).eigenvalues()
             for name in ("global_means", "true_label", "class_means", "cross_class")
         },
     }

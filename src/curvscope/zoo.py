@@ -252,8 +252,9 @@ def digits_sign_data(
     """A scalar regression target on the digits: +1 for the digits 0-4, -1 for 5-9.
 
     With one output per sample the Gauss-Newton part of each sample's Hessian has rank one,
-    the setting of the stochastic edge of stability (Agarwala & Pennington 2024), whose
-    K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) assumes rank-one samples.
+    the setting of the stochastic edge of stability (Agarwala & Pennington 2024), whose noise
+    kernel norm K (:mod:`curvscope.analysis.stochastic_edge`) is defined for one output per
+    sample.
 
     Returns:
         List of (inputs float32 (b, 64), targets float32 (b, 1)) pairs; one batch by default.

@@ -25,7 +25,10 @@ TINY = ["--iters", "12", "--probes", "2"]
 
 #: track's problem: the same MLP on 120 digits, trained with MSE.
 TRACK = ["--model", "trackmod:model", "--data", "trackmod:data"]
-ALL = "top,stability,trace,density,ntk,stochastic_edge"
+#: Every measurement that applies to a 10-output model (stochastic_edge needs one output).
+ALL = "top,stability,trace,density,ntk"
+#: track's one-output problem (a 64-8-1 tanh MLP regressing the sign target of 120 digits).
+SIGN = ["--model", "trackmod:sign_model", "--data", "trackmod:sign_data", "--loss", "mse"]
 SMALL = ["--density-iters", "6", "--density-probes", "2", "--trace-probes", "12"]
 
 

@@ -75,6 +75,16 @@ TRACK_MODULE = textwrap.dedent(
 
     def data():
         return zoo.digits_subset(num_samples=120, batch_size=60)
+
+    def sign_model():
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def sign_data():
+        return zoo.digits_sign_data(num_samples=120)
     """
 )
 

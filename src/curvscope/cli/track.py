@@ -87,7 +87,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
         epilog="examples:\n"
         "  curvscope track --steps 1000 --lr 2 --out runs/gd\n"
-        "  curvscope track --batch-size 16 --measure top,stability,density,stochastic_edge\n"
+        "  curvscope track --batch-size 16 --measure top,stability,density\n"
+        "  curvscope track --model curvscope.zoo:digits_regressor --data "
+        "curvscope.zoo:digits_sign_data --loss mse --batch-size 8 --measure top,stochastic_edge\n"
         "  curvscope track --optimizer momentum --lr 0.3 --momentum 0.9 --schedule log:1:2000:20\n"
         "  curvscope track --out runs/gd --steps 2000 --resume   # continue a run to step 2000\n"
         + options.COMMON_EPILOG,
@@ -198,8 +200,7 @@ def settings(args: argparse.Namespace) -> TrackSettings:
 
 def measurements(text: str) -> list[str]:
     """The --measure list, checked and put in the order the measurements run in (that of
-    :data:`curvscope.tracking.MEASUREMENTS`: stability reuses top's lambda_max,
-    stochastic_edge needs the density)."""
+    :data:`curvscope.tracking.MEASUREMENTS`: stability reuses top's lambda_max)."""
     from ..tracking import MEASUREMENTS
 
     known = ",".join(MEASUREMENTS)
@@ -210,11 +211,6 @@ def measurements(text: str) -> list[str]:
     if unknown:
         raise CLIError(
             f"--measure: unknown measurement {', '.join(map(repr, unknown))}; choose from {known}"
-        )
-    if "stochastic_edge" in names and "density" not in names:
-        raise CLIError(
-            "--measure stochastic_edge needs density (K is summed over the SLQ density): "
-            "add density, e.g. --measure top,density,stochastic_edge"
         )
     return [name for name in MEASUREMENTS if name in names]
 

@@ -8,20 +8,30 @@ stochastic edge of SGD. Registered on import of :mod:`curvscope.tracking`.
   before the optimizer's first step, when Adam has no second-moment state yet.
 - "ntk": Hutchinson estimate of tr(J J^T) over the tracker's data (10 Rademacher probes per
   batch; ``extra={"ntk_method": "exact"}`` for the exact trace on small problems).
-- "stochastic_edge": K = (eta / B) sum_a lambda_a / (2 - eta lambda_a (1 + 1/B)) of
-  Agarwala & Pennington 2024 from the snapshot's SLQ density (list "density" before it); B is
-  ``extra["batch_size"]``, eta the optimizer's lr.
+- "stochastic_edge": the noise kernel norm K of SGD (Agarwala & Pennington 2024;
+  :mod:`curvscope.analysis.stochastic_edge`) for a model with ONE output per sample (others
+  are refused with a ValueError at the first snapshot), with its standard error and, by the
+  exact method for N <= 2048, ||Q||, the exact mean-square edge of the linearised model. B is
+  ``extra["batch_size"]``, eta the optimizer's lr, N the samples of the tracker's data (or
+  ``extra["train_samples"]``: the data must be the training set SGD draws from), batches
+  B-subsets (``extra["replacement"]: True`` for draws with replacement). Method
+  ``extra["stochastic_edge_method"]``: "auto" (default: "exact" when the N x n Jacobian fits
+  256 MiB, else "slq"), "exact", "slq" (``stochastic_edge_deflate`` = 8 deflated top
+  eigenpairs of the Gauss-Newton matrix, ``stochastic_edge_iters`` = 30 x
+  ``stochastic_edge_probes`` = 10 SLQ) or "density" (the snapshot's Hessian density: list
+  "density" before it; near interpolation H ~ G).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import torch
-
 from ..analysis.stability import edge_distance, sharpness, stability_threshold
-from ..analysis.stochastic_edge import stochastic_edge_from_density
+from ..analysis.stochastic_edge import (
+    check_one_output,
+    noise_kernel_norm,
+    stochastic_edge_from_density,
+)
 from ..operators.ntk import ntk_trace
 from ..operators.update import optimizer_config
 from .tracker import MeasurementSkipped, register_measurement
@@ -88,28 +98,50 @@ def measure_ntk(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
 
 @register_measurement("stochastic_edge")
 def measure_stochastic_edge(op: Any, model: Any, optimizer: Any, tracker: Any) -> Any:
-    """K of the stochastic edge from the snapshot's density, the lr and the batch size."""
-    _, results = _need(tracker, "density", "stochastic_edge")
-    batch_size = tracker.config.get("extra", {}).get("batch_size")
+    """The noise kernel norm K of SGD (Agarwala & Pennington 2024) with its standard error."""
+    extra = tracker.config.get("extra", {})
+    batch_size = extra.get("batch_size")
     if optimizer is None or batch_size is None:
         raise ValueError(
             "the 'stochastic_edge' measurement needs the optimizer (for lr) and "
             "Tracker(extra={'batch_size': B}) with the training batch size"
         )
     eta = float(optimizer.param_groups[0]["lr"])
-    edge = stochastic_edge_from_density(results["density"], eta, int(batch_size))
-    if not getattr(tracker, "_warned_outputs", False):
-        outputs = op.function.outputs(op.source.first())
-        if isinstance(outputs, torch.Tensor) and outputs[0].numel() > 1:
-            warnings.warn(
-                f"stochastic_edge assumes one output per sample; this model has "
-                f"{outputs[0].numel()}, so K can overstate the edge by up to that factor",
-                stacklevel=2,
-            )
-        tracker._warned_outputs = True
+    method = extra.get("stochastic_edge_method", "auto")
+    num_samples = extra.get("train_samples")
+    replacement = bool(extra.get("replacement", False))
+    if method == "density":
+        check_one_output(op.function.outputs(op.source.first()))
+        _, results = _need(tracker, "density", "stochastic_edge")
+        count = int(num_samples or op.num_samples)
+        edge = stochastic_edge_from_density(
+            results["density"], eta, int(batch_size), count, replacement
+        )
+    else:
+        edge = noise_kernel_norm(
+            model,
+            op.loss_fn,
+            tracker.data,
+            eta,
+            int(batch_size),
+            method=method,
+            num_samples=num_samples,
+            replacement=replacement,
+            num_deflate=int(extra.get("stochastic_edge_deflate", 8)),
+            num_iters=int(extra.get("stochastic_edge_iters", 30)),
+            num_probes=int(extra.get("stochastic_edge_probes", 10)),
+            seed=tracker.seed,
+            params=op.param_names,
+            dtype=op.dtype,
+            device=op.device,
+            unpack_batch=op.source.unpack_batch,
+        )
     return {
         "stochastic_K": edge.K,
+        "stochastic_K_std_error": edge.K_std_error,
         "stochastic_K_trace": edge.K_trace,
-        # eta lambda_max (1 + 1/B) / 2: K is inf whenever this reaches 1 (full batch at the edge)
+        # (1 - gamma) eta lambda_max / 2: K is inf once this reaches 1
         "stochastic_max_diagonal": edge.max_diagonal,
+        # ||Q||, the exact mean-square edge of the linearised model (nan unless "exact")
+        "stochastic_kernel_norm": edge.kernel_norm,
     }, {}
