@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from curvscope.analysis import SpectrumStructure, spectrum_structure
 from curvscope.linalg import Eigenpairs, SpectralDensity, TraceEstimate
 from curvscope.tracking import RunStore, load_run
 from curvscope.tracking import store as store_module
@@ -169,10 +170,28 @@ def test_each_result_loads_as_the_class_that_wrote_it(tmp_path):
         "curvscope.linalg.trace.TraceEstimate",
         "curvscope.linalg.eigs.Eigenpairs",
         "curvscope.linalg.nonnormal.TransientBounds",
-        "curvscope.analysis.density.SpectrumStructure",
+        "curvscope.analysis.structure.SpectrumStructure",
         "curvscope.analysis.overlap.GradientOverlap",
         "curvscope.analysis.blocks.BlockSpectra",
     }
+
+
+def test_a_result_written_under_a_former_type_name_loads_with_its_class(tmp_path):
+    """SpectrumStructure moved from analysis.density to analysis.structure: manifests written
+    before the move name the old module, and their structures still load as structures."""
+    structure = spectrum_structure(density(0))
+    with RunStore(tmp_path / "run", config={}) as store:
+        store.write_snapshot(0, {}, {"structure": structure})
+    folder = snapshot(tmp_path / "run", 0)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["results"]["structure"]["type"] == (
+        "curvscope.analysis.structure.SpectrumStructure"
+    )
+    manifest["results"]["structure"]["type"] = "curvscope.analysis.density.SpectrumStructure"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_run(tmp_path / "run").results("structure")[0]
+    assert isinstance(loaded, SpectrumStructure)
+    assert loaded.to_dict() == structure.to_dict()
 
 
 CRAFTED_TYPES = [

@@ -371,7 +371,7 @@ def test_printed_negative_mass_is_stable_across_probe_seeds():
     from types import SimpleNamespace
 
     from curvscope import zoo
-    from curvscope.analysis.density import spectrum_structure
+    from curvscope.analysis import spectrum_structure
     from curvscope.operators import HessianOperator
     from curvscope.tracking.tracker import measure_density
 

@@ -3,14 +3,8 @@ per-block spectra, stability thresholds and the stochastic edge.
 Built on :mod:`curvscope.linalg` and :mod:`curvscope.operators`."""
 
 from .blocks import BlockSpectra, block_spectra, default_groups, resolve_groups
-from .density import (
-    LogAbsDensity,
-    SpectrumStructure,
-    log_abs_density,
-    smoothed_density,
-    spectrum_structure,
-)
 from .overlap import GradientOverlap, full_gradient, gradient_overlap, subspace_overlap
+from .smoothing import LogAbsDensity, log_abs_density, smoothed_density
 from .stability import (
     edge_distance,
     edge_of_stability,
@@ -26,6 +20,7 @@ from .stochastic_edge import (
     stochastic_edge,
     stochastic_edge_from_density,
 )
+from .structure import SpectrumStructure, spectrum_structure
 
 __all__ = [
     "BlockSpectra",

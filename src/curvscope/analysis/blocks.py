@@ -22,7 +22,7 @@ from torch import nn
 from ..linalg import SpectralDensity, spectral_density
 from ..operators import HessianOperator
 from ..results import environment_metadata
-from .density import SpectrumStructure, spectrum_structure
+from .structure import SpectrumStructure, spectrum_structure
 
 ROOT_GROUP = "(root)"
 
@@ -134,7 +134,7 @@ class BlockSpectra:
     def to_rows(self) -> list[dict[str, Any]]:
         """One dict per group: group, n, num_tensors, lambda_min, lambda_max, bulk_max,
         abs_min_over_max, negative_mass, negative_mass_band, num_outliers, num_outliers_low
-        (see :class:`~curvscope.analysis.density.SpectrumStructure`)."""
+        (see :class:`~curvscope.analysis.structure.SpectrumStructure`)."""
         rows = []
         for name in self.groups:
             s = self.structures[name]
@@ -300,7 +300,7 @@ def block_spectra(
         num_probes: Probes per group.
         seed: Seed of every group's start vectors.
         operator_cls: Operator class taking ``params=`` (HessianOperator, GGNOperator, ...).
-        structure_kwargs: Arguments of :func:`~curvscope.analysis.density.spectrum_structure`.
+        structure_kwargs: Arguments of :func:`~curvscope.analysis.structure.spectrum_structure`.
         progress: Show Lanczos progress bars.
         **op_kwargs: Further operator arguments (dtype, device, unpack_batch, ...).
 

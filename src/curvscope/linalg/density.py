@@ -6,6 +6,7 @@ smoothing with another width needs no new products.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,35 @@ def ghorbani_variance(lambda_min: float, lambda_max: float) -> float:
     The default of Ghorbani, Krishnan & Xiao 2019 (google/spectral-density, density.py).
     """
     return 1e-5 * max(1.0, lambda_max - lambda_min)
+
+
+def gaussian_mixture(
+    x: np.ndarray, centres: np.ndarray, weights: np.ndarray, sigma: float, chunk: int = 2048
+) -> np.ndarray:
+    """Weighted sum of Gaussians sum_i weights[i] N(x; centres[i], sigma^2) at the points x.
+
+    The one smoothing kernel of curvscope: :meth:`SpectralDensity.density` and the
+    conventions of :mod:`curvscope.analysis.smoothing` all call it.
+
+    Args:
+        x: Points, shape (g,).
+        centres: Gaussian means (quadrature nodes), shape (c,).
+        weights: Their weights, shape (c,); the result integrates to ``weights.sum()``.
+        sigma: Standard deviation, in the units of x.
+        chunk: Points evaluated at once (bounds memory to chunk x c).
+
+    Returns:
+        The mixture at x, shape (g,), float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    norm = 1.0 / (math.sqrt(2.0 * math.pi) * sigma)
+    for start in range(0, x.size, chunk):
+        block = x[start : start + chunk, None]
+        out[start : start + chunk] = norm * (
+            np.exp(-0.5 * ((block - centres[None, :]) / sigma) ** 2) @ weights
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -97,14 +127,7 @@ class SpectralDensity:
         if sigma <= 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         nodes, weights = self.flat()
-        out = np.empty_like(grid)
-        norm = 1.0 / (np.sqrt(2.0 * np.pi) * sigma)
-        for start in range(0, grid.size, chunk):
-            x = grid[start : start + chunk, None]
-            out[start : start + chunk] = norm * (
-                np.exp(-0.5 * ((x - nodes[None, :]) / sigma) ** 2) @ weights
-            )
-        return grid, out
+        return grid, gaussian_mixture(grid, nodes, weights, sigma, chunk)
 
     def moment(self, power: int) -> float:
         """Estimate of (1/n) tr(A^power) from the quadrature (exact for power < 2m)."""

@@ -1,14 +1,12 @@
 """k backward passes through one retained autograd graph, looped or vmapped.
 
 Every operator product ends in "send k cotangents back through a graph built once for the
-batch". On the CPU a loop of k backward passes measured 1.3-1.7x faster than one vmapped pass
-(``is_grads_batched``) for MLPs and CNNs, whose products are a few large kernels
-(benchmarks/hvp_cost.py). Recurrent models are the opposite case: their double backward is a
-long chain of tiny kernels, one per gate and time step, whose fixed cost dominates, and one
-vmapped pass pays it once for all k vectors instead of k times (an LSTM on digits, 8 steps:
-22 ms instead of 71 ms per product at k = 10, benchmarks/zoo_cost.py). So "auto" loops on
-the CPU except for recurrent models; elsewhere, and for those, the vmapped pass is tried first
-and a missing batching rule falls back to the loop, once and for all.
+batch". Two ways: a loop of k backward passes, or one vmapped pass (``is_grads_batched``).
+"auto" loops on the CPU, where the loop is faster for models made of a few large kernels (MLPs,
+CNNs), except for recurrent models, whose double backward is a long chain of tiny kernels whose
+fixed cost one vmapped pass pays once for all k vectors; elsewhere, and for recurrent models,
+the vmapped pass is tried first and a missing batching rule falls back to the loop, once and
+for all. The measurements behind this choice are in docs/benchmarks.md ("Product method").
 """
 
 from __future__ import annotations

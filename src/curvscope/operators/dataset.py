@@ -43,10 +43,9 @@ class DatasetCurvatureOperator(CurvatureOperator):
             random forward pass (dropout written with ``F.dropout``, say).
         matmat_mode: How k vectors share a batch's graph: "loop" (k backward passes through
             the retained graph), "batched" (one vmapped pass, ``is_grads_batched``) or "auto":
-            loop on the CPU, where it measured faster for MLPs and CNNs
-            (benchmarks/hvp_cost.py), batched for recurrent models on the CPU (2-3x faster
-            there: :mod:`.autodiff`) and on other devices, with a fallback to loop when an
-            operation has no batching rule.
+            loop on the CPU, batched for recurrent models on the CPU and for every model on
+            other devices, with a fallback to loop when an operation has no batching rule
+            (:mod:`.autodiff`; measurements in docs/benchmarks.md, "Product method").
         keep_graphs: Keep what a product builds for a batch before the vectors come in (its
             activations and first backward), since the parameters never move during an
             analysis: "auto" (default) keeps the graphs of the batches that fit in

@@ -17,16 +17,15 @@ class HessianOperator(DatasetCurvatureOperator):
     Products use plain ``torch.autograd`` double backward (reverse over reverse): the batch's
     gradient graph is built once and all k vectors of a block go back through it, about
     1 + 2k gradients' work. It works for every loss and layer. ``torch.func``
-    forward-over-reverse was measured and rejected: on the CPU it was slower even for one
-    vector (3.5 vs 2.9 gradients on a 0.86M-parameter MLP), it raises "ZeroTensors are
-    immutable" with ``F.mse_loss`` on torch 2.13, and with BatchNorm in train mode it returns
-    a wrong Hessian without an error.
+    forward-over-reverse is not used: it was slower on the CPU, fails with ``F.mse_loss`` on
+    torch 2.13 and is wrong with BatchNorm in train mode (docs/benchmarks.md, "Product
+    method").
 
     Kept graphs (``keep_graphs``, "auto" by default): a batch's gradient graph (its
     activations and the first backward) is kept across products while it fits the budget. A
     product then costs one double backward per kept batch instead of a forward, a backward and
-    a double backward (about 2k gradients instead of 1 + 2k; 1.97 instead of 3.00 for one HVP
-    on a 1M-parameter MLP, docs/benchmarks.md), with bit-identical results.
+    a double backward (about 2k gradients instead of 1 + 2k; docs/benchmarks.md, "HVP cost"),
+    with bit-identical results.
 
     Arguments: see :class:`~curvscope.operators.dataset.DatasetCurvatureOperator`
     (model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism,

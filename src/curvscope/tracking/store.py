@@ -847,8 +847,8 @@ def result_classes() -> dict[str, type]:
     """The result classes a snapshot's manifest may name, by the type name a RunStore writes
     (``module.QualifiedName``); only these are loaded with their own ``load``."""
     from ..analysis.blocks import BlockSpectra
-    from ..analysis.density import SpectrumStructure
     from ..analysis.overlap import GradientOverlap
+    from ..analysis.structure import SpectrumStructure
     from ..linalg.density import SpectralDensity
     from ..linalg.eigs import Eigenpairs
     from ..linalg.nonnormal import TransientBounds
@@ -866,6 +866,15 @@ def result_classes() -> dict[str, type]:
     return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
 
 
+#: Type names older curvscope versions wrote for a class that has moved since -> the current
+#: name; run folders written before the move load with the class's ``load`` all the same.
+FORMER_TYPE_NAMES = {
+    "curvscope.analysis.density.SpectrumStructure": (
+        "curvscope.analysis.structure.SpectrumStructure"
+    ),
+}
+
+
 def _loader(type_name: str) -> Any:
     """``cls.load`` when ``type_name`` is one of :func:`result_classes`; None otherwise (plain
     ``"arrays"``, or any other name), for :func:`~curvscope.results.load_result`.
@@ -873,7 +882,9 @@ def _loader(type_name: str) -> Any:
     A type name read from a run folder is only looked up in that fixed table: it is never
     imported, resolved as an attribute or called.
     """
-    cls = result_classes().get(type_name) if isinstance(type_name, str) else None
+    if not isinstance(type_name, str):
+        return None
+    cls = result_classes().get(FORMER_TYPE_NAMES.get(type_name, type_name))
     return None if cls is None else cls.load
 
 

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analysis.density import spectrum_structure
+from ..analysis.structure import spectrum_structure
 from ..distributed import is_distributed, rank
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
@@ -154,7 +154,7 @@ def measure_density(op: HessianOperator, model: nn.Module, optimizer: Any, track
       nodes below ``-density_negative_band``, where the band is the quadrature's resolution,
       Papyan's kernel width in natural units, about 0.37 (lambda_max - lambda_min) / (M - 1)
       for M Lanczos steps: ``negative_mass_band`` and ``band`` of
-      :func:`~curvscope.analysis.density.spectrum_structure`. This is the negative mass the
+      :func:`~curvscope.analysis.structure.spectrum_structure`. This is the negative mass the
       quadrature can resolve, stable across probes and smooth over snapshots; it is printed.
     - ``density_negative_mass``: the raw weight on nodes below 0. A network's large
       near-null space is a point mass at 0 that Lanczos represents by nodes about one
