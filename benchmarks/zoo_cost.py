@@ -91,7 +91,7 @@ import zoo_models as zm  # noqa: E402
 from zoo_models import ZooCase  # noqa: E402
 
 from curvscope import HessianOperator  # noqa: E402
-from curvscope.operators.data import call_model  # noqa: E402
+from curvscope.operators.batches import call_model  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: glibc malloc settings of ``--tune-malloc``: blocks up to 32 MiB come from the heap (not from

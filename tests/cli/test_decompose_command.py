@@ -58,16 +58,16 @@ def test_decompose_honours_keep_graphs_and_it_changes_no_number(
 ):
     """--keep-graphs reaches every operator of decompose (H, G, H - G, the G of the class
     terms); kept and rebuilt graphs give bit-identical densities."""
-    from curvscope.operators import dataset
+    from curvscope.operators import dataset_operator
 
     modes = []
 
-    class RecordingCache(dataset.GraphCache):
+    class RecordingCache(dataset_operator.GraphCache):
         def __init__(self, mode, *rest):
             modes.append(mode)
             super().__init__(mode, *rest)
 
-    monkeypatch.setattr(dataset, "GraphCache", RecordingCache)
+    monkeypatch.setattr(dataset_operator, "GraphCache", RecordingCache)
     nodes = {}
     for choice, mode in (("none", False), ("auto", "auto")):
         out = tmp_path / choice

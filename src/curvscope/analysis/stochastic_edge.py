@@ -108,8 +108,8 @@ from ..linalg.density import SpectralDensity
 from ..linalg.eigs import top_eigenpairs
 from ..linalg.slq import spectral_density
 from ..operators.autodiff import RowBackward, resolve_mode
-from ..operators.data import DataSource, UnpackBatch
-from ..operators.dataset import LossFn
+from ..operators.batches import DataSource, UnpackBatch
+from ..operators.dataset_operator import LossFn
 from ..operators.functional import ModelFunction, ParamSpec, preserved_rng, random_modules
 from ..operators.ggn import GGNOperator
 

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from ..linalg import SpectralDensity
-from ..operators.data import default_unpack
+from ..operators.batches import default_unpack
 from . import options, report
 from .errors import PROG, CLIError, one_line
 from .explain import describe_tensors, first_batch

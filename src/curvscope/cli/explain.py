@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..operators.data import default_unpack, first_tensor
+from ..operators.batches import default_unpack, first_tensor
 from .errors import PROG, CLIError, one_line, raised_outside_curvscope
 
 #: Import paths of the built-in data that --data defaults to (density/top/..., and track).

@@ -62,8 +62,8 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum_, is_distributed
-from .data import Batch, UnpackBatch
-from .dataset import LossFn
+from .batches import Batch, UnpackBatch
+from .dataset_operator import LossFn
 from .functional import ParamSpec, preserved_rng
 from .ggn import GGNOperator
 from .lowrank import LinearCombination, LowRankOperator

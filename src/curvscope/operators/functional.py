@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from ..rng import preserved_rng as preserved_rng  # re-exported: operators import it here
-from .data import Batch, call_model
+from .batches import Batch, call_model
 from .kernels import has_recurrent_layers, has_weight_norm, twice_differentiable_kernels
 
 ParamSpec = Iterable[str | nn.Parameter | torch.Tensor] | None

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .data import Batch
-from .dataset import DatasetCurvatureOperator
+from .batches import Batch
+from .dataset_operator import DatasetCurvatureOperator
 
 
 class GGNOperator(DatasetCurvatureOperator):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .data import Batch
-from .dataset import DatasetCurvatureOperator
+from .batches import Batch
+from .dataset_operator import DatasetCurvatureOperator
 
 
 class HessianOperator(DatasetCurvatureOperator):
@@ -27,7 +27,7 @@ class HessianOperator(DatasetCurvatureOperator):
     a double backward (about 2k gradients instead of 1 + 2k; docs/benchmarks.md, "HVP cost"),
     with bit-identical results.
 
-    Arguments: see :class:`~curvscope.operators.dataset.DatasetCurvatureOperator`
+    Arguments: see :class:`~curvscope.operators.dataset_operator.DatasetCurvatureOperator`
     (model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism,
     matmat_mode, keep_graphs, graph_memory, allow_tf32).
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..distributed import all_reduce_sum_, is_distributed
 from ..rng import preserved_rng
 from .autodiff import RowBackward, resolve_mode
-from .data import Batch, DataSource, UnpackBatch
+from .batches import Batch, DataSource, UnpackBatch
 from .functional import ModelFunction, ParamSpec, random_modules
 
 

@@ -67,7 +67,7 @@ from ..analysis.structure import spectrum_structure
 from ..distributed import is_distributed, rank
 from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
-from ..operators.data import default_unpack, first_tensor
+from ..operators.batches import default_unpack, first_tensor
 from ..operators.functional import default_dtype_for, random_modules
 from ..rng import preserved_rng
 from .schedule import Schedule

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..operators.data import call_model, first_tensor, move
+from ..operators.batches import call_model, first_tensor, move
 from ..results import _atomic_write
 from ..rng import preserved_rng
 from .tracker import Snapshot, Tracker

@@ -20,7 +20,7 @@ from ..resources import memory_share
 from ..rng import preserved_rng
 from .autodiff import MatmatMode, RowBackward, resolve_mode
 from .base import CurvatureOperator
-from .data import Batch, DataSource, UnpackBatch, is_shuffling
+from .batches import Batch, DataSource, UnpackBatch, is_shuffling
 from .functional import ModelFunction, ParamSpec, batchnorm_in_train_mode, random_modules
 from .graph_cache import GraphCache, KeepGraphs
 from .precision import ieee_float32
