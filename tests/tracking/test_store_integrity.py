@@ -17,7 +17,7 @@ import torch
 
 from curvscope.analysis import SpectrumStructure, spectrum_structure
 from curvscope.linalg import Eigenpairs, SpectralDensity, TraceEstimate
-from curvscope.tracking import RunStore, load_run
+from curvscope.tracking import Problem, RunProblem, RunStore, load_run
 from curvscope.tracking import store as store_module
 from curvscope.tracking.store import DAMAGED_PREFIX, INDEX_FILE
 
@@ -70,6 +70,7 @@ def test_same_size_corruption_is_found_by_default(tmp_path):
     assert run.steps.tolist() == [0, 2]
     assert not np.any(run.scalars["lambda_max"] > 1)
     (problem,) = [p for p in run.problems if p.path == str(snapshot(run_dir, 1))]
+    assert isinstance(problem, RunProblem) and RunProblem is Problem  # Problem: former name
     assert "scalars.json does not match its sha256" in problem.reason
     assert "left out" in problem.reason
 

@@ -8,7 +8,7 @@ in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), import
 from . import measurements as _measurements  # noqa: F401  (registers stability, ntk, ...)
 from .callbacks import HuggingFaceTracker, LightningTracker
 from .schedule import Schedule
-from .store import Problem, Run, RunStore, load_run
+from .store import Problem, Run, RunProblem, RunStore, load_run
 from .tracker import (
     MEASUREMENTS,
     MeasurementSkipped,
@@ -24,6 +24,7 @@ __all__ = [
     "MeasurementSkipped",
     "Problem",
     "Run",
+    "RunProblem",
     "RunStore",
     "Schedule",
     "Snapshot",

@@ -80,8 +80,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
-class Problem:
-    """A bad, partial or unexpected file in a run folder.
+class RunProblem:
+    """A bad, partial or unexpected file in a run folder: an entry of ``Run.problems``.
+
+    Named for the run folder, not for the learning problem (model, data and loss) that
+    :mod:`curvscope.zoo` and the CLI's ``--model``/``--data`` options call a problem.
+    ``Problem`` is the same class under its former name.
 
     Attributes:
         path: The file or folder.
@@ -93,6 +97,10 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
+
+
+#: Former name of :class:`RunProblem`, kept for code that imported it.
+Problem = RunProblem
 
 
 def step_dirname(step: int) -> str:
@@ -195,7 +203,7 @@ class RunStore:
 
     Attributes:
         completed_steps: Steps whose snapshot is committed, as a set.
-        problems: What resume found and repaired, as :class:`Problem` entries.
+        problems: What resume found and repaired, as :class:`RunProblem` entries.
         config: The run's config as stored.
         last_identity: The ``identity`` stored with the latest committed snapshot (see
             :meth:`write_snapshot`); None for a new run or one written without identities.
@@ -211,7 +219,7 @@ class RunStore:
         self.path = Path(path)
         self.snapshots_dir = self.path / SNAPSHOTS
         self.index_path = self.path / INDEX_FILE
-        self.problems: list[Problem] = []
+        self.problems: list[RunProblem] = []
         self.last_identity: dict[str, Any] | None = None
         self._lock_handle: Any = None
         self._closed = False
@@ -296,7 +304,7 @@ class RunStore:
         (self.path / RUN_FILE).unlink()
         _fsync_dir(self.path)
         self.problems.append(
-            Problem(
+            RunProblem(
                 str(self.path / RUN_FILE),
                 "a run that never committed a snapshot (its writer stopped before the first "
                 "one); replaced by this new run",
@@ -349,7 +357,7 @@ class RunStore:
         for entry in sorted(self.snapshots_dir.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
                 self.problems.append(
-                    Problem(
+                    RunProblem(
                         str(entry),
                         "a snapshot write that never completed (writer stopped before the "
                         "rename); removed",
@@ -364,7 +372,7 @@ class RunStore:
             aside = folder.with_name(f"{DAMAGED_PREFIX}{folder.name}-{secrets.token_hex(4)}")
             os.replace(folder, aside)
             self.problems.append(
-                Problem(str(aside), f"damaged snapshot of step {step} moved aside; step redone")
+                RunProblem(str(aside), f"damaged snapshot of step {step} moved aside; step redone")
             )
         self.completed_steps = set(report.valid)
         if report.valid:
@@ -381,7 +389,7 @@ class RunStore:
         for step in sorted(self.completed_steps - indexed):
             _append_line(self.index_path, report.rows[step])
             self.problems.append(
-                Problem(
+                RunProblem(
                     str(report.valid[step]),
                     f"step {step} was committed but missing from {INDEX_FILE}; line appended",
                 )
@@ -520,7 +528,7 @@ class _Scan:
     manifests: dict[int, dict[str, Any]] = field(default_factory=dict)
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     damaged: dict[int, Path] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[RunProblem] = field(default_factory=list)
 
 
 def scan_snapshots(snapshots_dir: Path, check_hashes: bool = True) -> _Scan:
@@ -531,7 +539,7 @@ def scan_snapshots(snapshots_dir: Path, check_hashes: bool = True) -> _Scan:
     """
     scan = _Scan()
     if not snapshots_dir.is_dir():
-        scan.problems.append(Problem(str(snapshots_dir), "missing: the run has no snapshots"))
+        scan.problems.append(RunProblem(str(snapshots_dir), "missing: the run has no snapshots"))
         return scan
     for entry in sorted(snapshots_dir.iterdir()):
         match = _STEP_DIR.match(entry.name)
@@ -539,7 +547,7 @@ def scan_snapshots(snapshots_dir: Path, check_hashes: bool = True) -> _Scan:
             tmp = _TMP_DIR.match(entry.name)
             what = f"step {int(tmp.group(1))} by pid {tmp.group(2)}" if tmp else "a snapshot"
             scan.problems.append(
-                Problem(
+                RunProblem(
                     str(entry),
                     f"temporary folder of {what}: a write in progress or one whose writer "
                     "was killed; not part of the series (resume removes it)",
@@ -548,19 +556,19 @@ def scan_snapshots(snapshots_dir: Path, check_hashes: bool = True) -> _Scan:
             continue
         if entry.name.startswith(DAMAGED_PREFIX):
             scan.problems.append(
-                Problem(
+                RunProblem(
                     str(entry), "a damaged snapshot that a resume moved aside; not in the series"
                 )
             )
             continue
         if match is None or not entry.is_dir():
-            scan.problems.append(Problem(str(entry), "unexpected entry in snapshots/; ignored"))
+            scan.problems.append(RunProblem(str(entry), "unexpected entry in snapshots/; ignored"))
             continue
         step = int(match.group(1))
         try:
             scan.manifests[step], scan.rows[step] = _check_snapshot(entry, step, check_hashes)
         except _DamagedError as error:
-            scan.problems.append(Problem(str(entry), f"{error}; step {step} left out"))
+            scan.problems.append(RunProblem(str(entry), f"{error}; step {step} left out"))
             scan.damaged[step] = entry
             continue
         scan.valid[step] = entry
@@ -631,13 +639,13 @@ def _check_manifest_entries(manifest: dict[str, Any]) -> None:
         raise _DamagedError(f"{MANIFEST} field 'notes' is not an object")
 
 
-def read_index(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Problem], bool]:
+def read_index(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[RunProblem], bool]:
     """Parse ``scalars.jsonl``: ((line number, row) pairs, problems, last line torn?)."""
     if not path.exists():
         return [], [], False
     data = path.read_bytes()
     rows: list[tuple[int, dict[str, Any]]] = []
-    problems: list[Problem] = []
+    problems: list[RunProblem] = []
     torn_tail = bool(data) and not data.endswith(b"\n")
     lines = data.split(b"\n")
     if not torn_tail:
@@ -656,7 +664,7 @@ def read_index(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Probl
             else:
                 why = "invalid line (a torn line ended by a resume, or damage)"
             preview = raw[:60].decode(errors="replace")
-            problems.append(Problem(f"{path}:{number}", f"{why}: {error}; text {preview!r}"))
+            problems.append(RunProblem(f"{path}:{number}", f"{why}: {error}; text {preview!r}"))
             continue
         rows.append((number, row))
     return rows, problems, torn_tail
@@ -707,10 +715,11 @@ class Run:
         notes: step -> {measurement name: note} for the snapshots that carry notes; a
             Tracker's note is ``{"status": "skipped" | "failed", "reason": "..."}`` for a
             measurement that recorded nothing at that step (its scalars are NaN there).
-        problems: Every bad, partial or unexpected file, with its path and reason.
+        problems: Every bad, partial or unexpected file, as :class:`RunProblem` (path,
+            reason).
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], scan: _Scan, problems: list[Problem]):
+    def __init__(self, path: Path, meta: dict[str, Any], scan: _Scan, problems: list[RunProblem]):
         self.path = path
         self.meta = meta
         self.config = meta.get("config", {})
@@ -924,7 +933,7 @@ def load_run(path: str | os.PathLike[str], check_hashes: bool = True, warn: bool
         step = row["step"]
         if step in latest:
             problems.append(
-                Problem(
+                RunProblem(
                     f"{index}:{latest[step][0]}",
                     f"line for step {step} superseded by line {number} (a resume redid the "
                     "step after its snapshot was damaged, or the index is damaged); ignored",
@@ -934,7 +943,7 @@ def load_run(path: str | os.PathLike[str], check_hashes: bool = True, warn: bool
     for step, (number, row) in sorted(latest.items(), key=lambda item: item[1][0]):
         if step not in scan.valid:
             problems.append(
-                Problem(
+                RunProblem(
                     f"{index}:{number}",
                     f"step {step} has no readable snapshot folder "
                     f"(snapshots/{step_dirname(step)}): see the problems with it",
@@ -942,7 +951,7 @@ def load_run(path: str | os.PathLike[str], check_hashes: bool = True, warn: bool
             )
         elif differing := _differing_fields(row, scan.rows[step]):
             problems.append(
-                Problem(
+                RunProblem(
                     f"{index}:{number}",
                     f"line for step {step} disagrees with snapshots/{step_dirname(step)}/"
                     f"{SCALARS_FILE} on {'; '.join(differing)}; the snapshot's values are used "
@@ -952,7 +961,7 @@ def load_run(path: str | os.PathLike[str], check_hashes: bool = True, warn: bool
     indexed = set(latest)
     for step in sorted(set(scan.valid) - indexed):
         problems.append(
-            Problem(
+            RunProblem(
                 str(scan.valid[step]),
                 f"step {step} is committed but missing from {INDEX_FILE} (the writer stopped "
                 "between the snapshot's rename and the index append); read from its "
