@@ -373,7 +373,7 @@ def test_printed_negative_mass_is_stable_across_probe_seeds():
     from curvscope import zoo
     from curvscope.analysis import spectrum_structure
     from curvscope.operators import HessianOperator
-    from curvscope.tracking.tracker import measure_density
+    from curvscope.tracking.measurements import measure_density
 
     data = zoo.digits_subset(300)
     ((inputs, targets),) = data

@@ -5,17 +5,11 @@ training loop; ``load_run(run_dir)`` reads the series back. Optional trainer int
 in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), imported lazily.
 """
 
-from . import measurements as _measurements  # noqa: F401  (registers stability, ntk, ...)
 from .callbacks import HuggingFaceTracker, LightningTracker
+from .measurements import MEASUREMENTS, MeasurementSkipped, register_measurement
 from .schedule import Schedule
 from .store import Problem, Run, RunProblem, RunStore, load_run
-from .tracker import (
-    MEASUREMENTS,
-    MeasurementSkipped,
-    Snapshot,
-    Tracker,
-    register_measurement,
-)
+from .tracker import Snapshot, Tracker
 
 __all__ = [
     "MEASUREMENTS",

@@ -13,26 +13,19 @@ Every due step builds a :class:`~curvscope.operators.HessianOperator` on the mod
 (:class:`~curvscope.tracking.store.RunStore`); :func:`~curvscope.tracking.load_run` reads
 the series back.
 
-Measurements are looked up by name in :data:`MEASUREMENTS`. A measurement is a callable
-
-    measure(op, model, optimizer, tracker) -> (scalars, results)
-
-``op`` is the snapshot's Hessian operator, ``tracker`` gives the settings (``top_k``,
-``density_iters``, ``seed``, ``loss_fn``, ``data``, ``params``, ``dtype``, ...) and, in
-``tracker.current``, what the measurements before it in this snapshot returned (name ->
-(scalars, results)); so a stability measurement listed after "top" can reuse its eigenpairs.
-``scalars`` maps names to numbers (they become columns of the series; names must not clash),
-``results`` maps file stems to objects with ``save(path)`` (or dicts of arrays), written into
-the snapshot folder. Other modules add measurements without editing this file::
+Measurements are looked up by name in :data:`~curvscope.tracking.measurements.MEASUREMENTS`
+(the built-ins "top", "trace", "density", "stability", "ntk", "stochastic_edge", and what
+:func:`~curvscope.tracking.register_measurement` adds); :mod:`curvscope.tracking.measurements`
+says what a measurement is. A user's own goes in without editing curvscope::
 
     from curvscope.tracking import register_measurement
 
-    @register_measurement("ntk")
-    def ntk_trace(op, model, optimizer, tracker):
+    @register_measurement("my_norm")
+    def my_norm(op, model, optimizer, tracker):
         ...
-        return {"ntk_trace": value}, {}
+        return {"my_norm": value}, {}
 
-    Tracker(..., measurements=("top", "ntk"))
+    Tracker(..., measurements=("top", "my_norm"))
 
 A callable may also be passed directly in ``measurements`` (its ``__name__`` is its name), or a
 ``(name, callable)`` pair. A measurement that cannot be taken at some snapshot (Adam's
@@ -55,7 +48,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,119 +56,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analysis.structure import spectrum_structure
 from ..distributed import is_distributed, rank
-from ..linalg import spectral_density, top_eigenpairs, trace
 from ..operators import HessianOperator
 from ..operators.batches import default_unpack, first_tensor
 from ..operators.functional import default_dtype_for, random_modules
 from ..rng import preserved_rng
+from .measurements import MEASUREMENTS, Measurement, MeasurementSkipped
 from .schedule import Schedule
 from .store import RUN_FILE, RunStore, _as_scalar
 
 logger = logging.getLogger("curvscope.tracking")
 
-Measurement = Callable[
-    [HessianOperator, nn.Module, Any, "Tracker"], tuple[Mapping[str, Any], Mapping[str, Any]]
-]
-
-#: Registry of measurements by name; add entries with :func:`register_measurement`.
-MEASUREMENTS: dict[str, Measurement] = {}
-
 #: Key of the operator build among the things that have worked once (no measurement name).
 _OPERATOR = "<operator>"
-
-
-class MeasurementSkipped(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by a measurement that cannot be taken at this snapshot, with the reason.
-
-    Not an error: the Tracker records the snapshot without the measurement's scalars, stores
-    ``{"status": "skipped", "reason": str(exception)}`` in the snapshot's notes
-    (:attr:`Snapshot.notes`, :attr:`~curvscope.tracking.store.Run.notes`) and logs a warning.
-    Example: Adam's preconditioned sharpness before the optimizer's first step, when Adam
-    has no second-moment state yet.
-    """
-
-
-def register_measurement(name: str, fn: Measurement | None = None, replace: bool = False) -> Any:
-    """Register ``fn`` as measurement ``name``; usable as ``@register_measurement("name")``.
-
-    Args:
-        name: Key used in ``Tracker(measurements=...)`` and as the result file stem.
-        fn: ``fn(op, model, optimizer, tracker) -> (scalars, results)``.
-        replace: Allow replacing an existing entry (otherwise a clash is an error).
-    """
-
-    def add(fn: Measurement) -> Measurement:
-        if not callable(fn):
-            raise TypeError(f"measurement {name!r} must be callable")
-        if name in MEASUREMENTS and MEASUREMENTS[name] is not fn and not replace:
-            raise ValueError(
-                f"a measurement named {name!r} is already registered: pick another name or "
-                "pass replace=True"
-            )
-        MEASUREMENTS[name] = fn
-        return fn
-
-    return add if fn is None else add(fn)
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in measurements
-
-
-@register_measurement("top")
-def measure_top(op: HessianOperator, model: nn.Module, optimizer: Any, tracker: Tracker) -> Any:
-    """Top ``tracker.top_k`` Hessian eigenpairs: lambda_max, lambda_2, ..., lambda_k."""
-    k = min(tracker.top_k, op.shape[0] - 1)
-    pairs = top_eigenpairs(op, k=k, tol=tracker.top_tol, seed=tracker.seed)
-    scalars = {"lambda_max": float(pairs.values[0])}
-    for i in range(1, pairs.values.size):
-        scalars[f"lambda_{i + 1}"] = float(pairs.values[i])
-    scalars["top_residual"] = float(np.max(pairs.residuals))
-    scalars["top_products"] = int(pairs.meta.get("num_products", -1))
-    if not tracker.save_vectors:
-        pairs = replace(pairs, vectors=np.zeros((0, pairs.values.size)))
-    return scalars, {"top": pairs}
-
-
-@register_measurement("trace")
-def measure_trace(op: HessianOperator, model: nn.Module, optimizer: Any, tracker: Tracker) -> Any:
-    """Hutch++ estimate of tr(H) with its standard error."""
-    estimate = trace(op, num_probes=tracker.trace_probes, seed=tracker.seed)
-    return {"trace": estimate.value, "trace_std_error": estimate.std_error}, {"trace": estimate}
-
-
-@register_measurement("density")
-def measure_density(op: HessianOperator, model: nn.Module, optimizer: Any, tracker: Tracker) -> Any:
-    """SLQ spectral density; scalars: its extreme Ritz values and two negative masses.
-
-    - ``density_negative_mass_band``: the quadrature weight (share of eigenvalues) on Ritz
-      nodes below ``-density_negative_band``, where the band is the quadrature's resolution,
-      Papyan's kernel width in natural units, about 0.37 (lambda_max - lambda_min) / (M - 1)
-      for M Lanczos steps: ``negative_mass_band`` and ``band`` of
-      :func:`~curvscope.analysis.structure.spectrum_structure`. This is the negative mass the
-      quadrature can resolve, stable across probes and smooth over snapshots; it is printed.
-    - ``density_negative_mass``: the raw weight on nodes below 0. A network's large
-      near-null space is a point mass at 0 that Lanczos represents by nodes about one
-      resolution to either side of 0, so this share swings with the probes (on a digits MLP
-      trained with Adam: 0.27 to 0.49 over six probe seeds of one snapshot, where the
-      resolved mass stays within 0.018 to 0.022; see docs/dynamics.md) and says little on
-      its own.
-    """
-    density = spectral_density(
-        op, num_iters=tracker.density_iters, num_probes=tracker.density_probes, seed=tracker.seed
-    )
-    nodes, weights = density.flat()
-    structure = spectrum_structure(density)
-    scalars = {
-        "density_lambda_min": density.lambda_min,
-        "density_lambda_max": density.lambda_max,
-        "density_negative_mass": float(weights[nodes < 0].sum()),
-        "density_negative_mass_band": structure.negative_mass_band,
-        "density_negative_band": structure.band,
-    }
-    return scalars, {"density": density}
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +126,9 @@ class Tracker:
             whose Hessian is measured; the same every snapshot.
         schedule: A :class:`Schedule`, a spec ("every:50", "log:1:10000:10", "steps:0,10"),
             an int k (every k steps) or a list of steps.
-        measurements: Names in :data:`MEASUREMENTS` ("top", "trace", "density", or any
-            registered later), callables, or ``(name, callable)`` pairs; run in this order.
+        measurements: Names in :data:`MEASUREMENTS` ("top", "trace", "density", "stability",
+            "ntk", "stochastic_edge", or any registered later), callables, or
+            ``(name, callable)`` pairs; run in this order.
         top_k: Eigenpairs of "top".
         top_tol: Relative residual of "top".
         density_iters: Lanczos steps per probe of "density".
@@ -748,9 +642,9 @@ def format_line(
     "stability" measurement), the standard error of the trace with two significant digits.
     "neg mass W < -B" is ``density_negative_mass_band``: the share of eigenvalues the SLQ
     quadrature puts below -B, where B (``density_negative_band``) is the quadrature's
-    resolution (see :func:`measure_density`); the raw share below 0 is not printed because a
-    near-null space makes it swing between snapshots. Measurements with a note are listed at
-    the end: "[skipped: stability]", "[failed: trace]".
+    resolution (see :func:`~curvscope.tracking.measurements.measure_density`); the raw share
+    below 0 is not printed because a near-null space makes it swing between snapshots.
+    Measurements with a note are listed at the end: "[skipped: stability]", "[failed: trace]".
 
     Args:
         step: The snapshot's training step.
