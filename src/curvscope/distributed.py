@@ -24,10 +24,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank; 0 without an initialised process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """Number of processes; 1 without an initialised process group."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -37,8 +39,10 @@ def is_main_process() -> bool:
 
 
 def slurm_environment(env: dict[str, str]) -> dict[str, str]:
-    """torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT) derived from
-    SLURM's, for jobs started by ``srun`` with one task per GPU or process and no torchrun.
+    """torch.distributed's variables derived from SLURM's.
+
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT, for jobs started by ``srun`` with one task per GPU or
+    process and no torchrun.
 
     Returns {} when WORLD_SIZE is already set (torchrun) or SLURM runs a single task.
     MASTER_ADDR must be exported by the job script (SLURM does not give it directly).

@@ -259,7 +259,10 @@ def _series(run: Any, name: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _threshold_label(run: Any, threshold: np.ndarray, lr: np.ndarray | None) -> str:
-    """ "2/η" for plain GD, "c/η" for another constant c = threshold * lr, else "threshold"."""
+    """Label of the threshold: "2/η" for plain GD, "c/η" for a constant c = threshold * lr.
+
+    Otherwise "threshold".
+    """
     if lr is not None and lr.size == threshold.size and lr.size:
         ratio = threshold * lr
         if np.allclose(ratio, ratio[0], rtol=1e-9):

@@ -37,9 +37,11 @@ _status: list[int] = []
 
 
 def _exit_now() -> None:
-    """The program's last atexit callback (registered before torch loads, so it runs after
-    every other one): flush stdout and stderr and end the process with the command's status,
-    without the interpreter's teardown."""
+    """The program's last atexit callback: flush and end the process with the command's status.
+
+    Registered before torch loads, so it runs after every other one; it flushes stdout and stderr
+    and skips the interpreter's teardown.
+    """
     if not _status:
         return
     for stream in (sys.stdout, sys.stderr):
@@ -49,9 +51,11 @@ def _exit_now() -> None:
 
 
 def main() -> int:
-    """Set :data:`THREAD_ENV` where unset, then run the command line (``sys.argv``) as the
-    program: Ctrl-C or SIGTERM at any point, even while the interpreter shuts down after the
-    command, ends it with one line and status 130 or 143 (:func:`curvscope.cli.main`)."""
+    """Set :data:`THREAD_ENV` where unset, then run the command line (``sys.argv``) as the program.
+
+    Ctrl-C or SIGTERM at any point, even while the interpreter shuts down after the command, ends it
+    with one line and status 130 or 143 (:func:`curvscope.cli.main`).
+    """
     for name, value in THREAD_ENV.items():
         os.environ.setdefault(name, value)
     atexit.register(_exit_now)

@@ -1,5 +1,8 @@
-"""What the machine offers now: the CPUs this process may use (the default thread count) and
-the memory a device has free (the default budgets of kept graphs and SLQ bases)."""
+"""What the machine offers now: the CPUs this process may use and a device's free memory.
+
+The CPUs give the default thread count, the free memory the default budgets of kept graphs and SLQ
+bases.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import torch
 
 
 def available_cpus() -> int:
-    """The number of CPUs this process may run on (its affinity mask; ``os.cpu_count()``
-    where the platform has no affinity)."""
+    """The number of CPUs this process may run on.
+
+    Its affinity mask; ``os.cpu_count()`` where the platform has no affinity.
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -18,8 +23,11 @@ def available_cpus() -> int:
 
 
 def available_memory(device: torch.device | str) -> int | None:
-    """Bytes available now on ``device``: ``MemAvailable`` of /proc/meminfo on the CPU (the
-    free physical pages elsewhere), free memory on CUDA; None where it cannot be read."""
+    """Bytes available now on ``device``; None where it cannot be read.
+
+    ``MemAvailable`` of /proc/meminfo on the CPU (the free physical pages elsewhere), free memory on
+    CUDA.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         try:

@@ -293,8 +293,10 @@ class ResultFile:
         return value
 
     def check_optional(self, name: str, read: Callable[[str], Any]) -> None:
-        """Check free-form metadata field ``name`` with ``read`` (``self.boolean``, ...) when it
-        is present; it stays in :attr:`meta`."""
+        """Check free-form metadata field ``name`` with ``read`` when it is present.
+
+        ``read`` is ``self.boolean``, ...; the field stays in :attr:`meta`.
+        """
         if name in self.meta:
             kept = dict(self.meta)
             read(name)

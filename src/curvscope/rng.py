@@ -1,5 +1,8 @@
-"""The one guard of the global random state: code inside it may draw random numbers (dropout,
-a shuffling DataLoader, a seeded training run) without changing what the caller draws next."""
+"""The one guard of the global random state.
+
+Code inside it may draw random numbers (dropout, a shuffling DataLoader, a seeded training run)
+without changing what the caller draws next.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import torch
 
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Restore the global RNG states on exit: torch's CPU generator, every CUDA generator
-    (when CUDA is initialised) and numpy's legacy global generator."""
+    """Restore the global RNG states on exit.
+
+    torch's CPU generator, every CUDA generator (when CUDA is initialised) and numpy's legacy global
+    generator.
+    """
     cpu_state = torch.get_rng_state()
     cuda_states = (
         torch.cuda.get_rng_state_all()

@@ -1,6 +1,8 @@
-"""Analysis of curvature spectra: density conventions and structure, gradient concentration,
-per-block spectra, stability thresholds and the stochastic edge.
-Built on :mod:`curvscope.linalg` and :mod:`curvscope.operators`."""
+"""Analysis of curvature spectra, built on :mod:`curvscope.linalg` and :mod:`curvscope.operators`.
+
+Density conventions and structure, gradient concentration, per-block spectra, stability thresholds
+and the stochastic edge.
+"""
 
 from .blocks import BlockSpectra, block_spectra, default_groups, resolve_groups
 from .overlap import GradientOverlap, full_gradient, gradient_overlap, subspace_overlap

@@ -123,6 +123,7 @@ class BlockSpectra:
 
     @property
     def names(self) -> list[str]:
+        """Group names, in the order of the densities."""
         return list(self.groups)
 
     def __getitem__(self, name: str) -> SpectralDensity:
@@ -132,9 +133,12 @@ class BlockSpectra:
         return len(self.groups)
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One dict per group: group, n, num_tensors, lambda_min, lambda_max, bulk_max,
-        abs_min_over_max, negative_mass, negative_mass_band, num_outliers, num_outliers_low
-        (see :class:`~curvscope.analysis.structure.SpectrumStructure`)."""
+        """One dict per group, the columns of :meth:`table`.
+
+        Keys: group, n, num_tensors, lambda_min, lambda_max, bulk_max, abs_min_over_max,
+        negative_mass, negative_mass_band, num_outliers, num_outliers_low (see
+        :class:`~curvscope.analysis.structure.SpectrumStructure`).
+        """
         rows = []
         for name in self.groups:
             s = self.structures[name]
@@ -156,9 +160,11 @@ class BlockSpectra:
         return rows
 
     def table(self) -> str:
-        """The rows as an aligned text table (for a terminal). "neg. mass" is the resolved
-        negative mass (``negative_mass_band``): the strict one counts round-off nodes of a
-        null space, which rank-deficient blocks have."""
+        """The rows as an aligned text table (for a terminal).
+
+        "neg. mass" is the resolved negative mass (``negative_mass_band``): the strict one counts
+        round-off nodes of a null space, which rank-deficient blocks have.
+        """
         head = ("group", "n", "lambda_min", "lambda_max", "neg. mass", "outliers")
         lines = [
             (
@@ -178,8 +184,10 @@ class BlockSpectra:
         )
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write each density and structure (``<i>_<name>.npz/.json``,
-        ``<i>_<name>.structure.npz/.json``) and ``index.json`` into ``directory``."""
+        """Write each density and structure and ``index.json`` into ``directory``.
+
+        Files ``<i>_<name>.npz/.json`` (the density) and ``<i>_<name>.structure.npz/.json``.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         entries = []

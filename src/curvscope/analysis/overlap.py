@@ -247,8 +247,9 @@ def subspace_overlap(
     (Gur-Ari et al. 2018 compare top-k Hessian eigenspaces between checkpoints this way).
 
     Args:
-        U1, U2: Orthonormal bases as columns, shape (n, k1) and (n, k2): arrays, tensors or
-            :class:`~curvscope.linalg.Eigenpairs` (their ``vectors``).
+        U1: Orthonormal basis as columns, shape (n, k1): an array, a tensor or
+            :class:`~curvscope.linalg.Eigenpairs` (its ``vectors``).
+        U2: The other basis, shape (n, k2), likewise.
         k: Use only the first k columns of each. By default all columns are used and the
             overlap is normalised by min(k1, k2), so with k1 != k2 it is 1 when the smaller
             subspace lies in the larger.

@@ -1,5 +1,7 @@
-"""Stability thresholds of optimizers on a quadratic, the distance to the edge of stability, and
-the non-normal analysis of the linearised update.
+"""Stability thresholds of optimizers, the edge of stability, and non-normal update analysis.
+
+Thresholds on a quadratic, the distance to the edge of stability, and the non-normal analysis of the
+linearised update.
 
 Every threshold comes from the linearised recursion of :mod:`curvscope.operators.update`: per
 eigenvalue mu of P H_c the update acts as the block B(mu) = [[a - g mu, -(b - h mu)], [1, 0]]
@@ -52,8 +54,9 @@ from ..operators.update import (
 
 
 def stability_threshold(config: OptimizerConfig) -> float:
-    """The largest sharpness at which the linearised update is still stable (see the table in
-    the module docstring for the formula and for which sharpness it bounds).
+    """The largest sharpness at which the linearised update is still stable.
+
+    See the table in the module docstring for the formula and for which sharpness it bounds.
 
     Args:
         config: Optimizer hyper-parameters (:func:`~curvscope.operators.update.optimizer_config`).
@@ -73,8 +76,10 @@ def stability_threshold(config: OptimizerConfig) -> float:
 
 
 class _PreconditionedHessian:
-    """S = M^1/2 (H + wd I) M^1/2 for a positive diagonal M: symmetric, same spectrum as
-    M (H + wd I)."""
+    """S = M^1/2 (H + wd I) M^1/2 for a positive diagonal M.
+
+    Symmetric, with the same spectrum as M (H + wd I).
+    """
 
     def __init__(self, hessian: LinearOperatorLike, m_diag: Any, weight_decay: float) -> None:
         self.hessian = hessian
@@ -140,8 +145,11 @@ def sharpness(
     tol: float = 1e-8,
     seed: int = 0,
 ) -> float:
-    """The sharpness that :func:`stability_threshold` bounds: lambda_max(H) for SGD methods,
-    the preconditioned sharpness lambda_max(M^1/2 H_c M^1/2) for Adam."""
+    """The sharpness that :func:`stability_threshold` bounds.
+
+    lambda_max(H) for SGD methods, the preconditioned sharpness lambda_max(M^1/2 H_c M^1/2) for
+    Adam.
+    """
     hessian = as_operator(hessian)
     if config.method == "adam":
         return preconditioned_sharpness(

@@ -149,8 +149,11 @@ class StochasticEdge:
 def noise_factor(
     batch_size: int, num_samples: int | None = None, replacement: bool = False
 ) -> float:
-    """gamma of (2): (N - B) / (B (N - 1)) for batches drawn without replacement, 1/B with
-    replacement or for N = None (N -> infinity)."""
+    """gamma of (2), the factor of the minibatch noise.
+
+    (N - B) / (B (N - 1)) for batches drawn without replacement, 1/B with replacement or for
+    N = None (N -> infinity).
+    """
     _check_batch(batch_size, num_samples)
     if replacement or num_samples is None:
         return 1.0 / batch_size
@@ -253,7 +256,10 @@ def stochastic_edge_from_density(
     Args:
         density: SLQ of G (or of the Hessian near interpolation, where H ~ G); when
             ``exact_eigenvalues`` is given, of the operator with those eigenpairs deflated.
-        eta, batch_size, num_samples, replacement: As for :func:`stochastic_edge`.
+        eta: SGD's learning rate, as for :func:`stochastic_edge`.
+        batch_size: B.
+        num_samples: N, the training samples SGD draws from; None for N -> infinity.
+        replacement: Whether a batch's B samples are drawn with replacement.
         exact_eigenvalues: Eigenvalues deflated from the density's operator (shape (k,)),
             whose terms enter exactly.
 
@@ -289,8 +295,11 @@ def critical_learning_rate(
     replacement: bool = False,
     target: float = 1.0,
 ) -> float:
-    """The learning rate at which K (4) reaches ``target`` (1: the stochastic edge), capped at
-    the per-mode bound x_mode / lambda_max of (5); K grows with eta, so the root is unique."""
+    """The learning rate at which K (4) reaches ``target`` (1: the stochastic edge).
+
+    Capped at the per-mode bound x_mode / lambda_max of (5); K grows with eta, so the root is
+    unique.
+    """
     if target <= 0:
         raise ValueError(f"target must be positive, got {target}")
     gamma = noise_factor(batch_size, num_samples, replacement)
@@ -336,7 +345,11 @@ def gauss_newton_eigenvalues(
             has one entry per sample; never modified.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss.
         data: Re-iterable of batches: the training set SGD draws from.
-        params, dtype, device, unpack_batch: As for :class:`~curvscope.HessianOperator`.
+        params: Parameters to analyse (names or parameters); default all trainable, as for
+            :class:`~curvscope.HessianOperator`.
+        dtype: Product dtype; default float64 on CPU, the model's dtype on GPU.
+        device: Where the work runs; default the model's device.
+        unpack_batch: ``batch -> (inputs, targets)`` for batches that are not pairs.
         chunk: Jacobian rows per backward block.
         max_bytes: Refuse (ValueError) when the N x n Jacobian would need more memory.
 
@@ -362,8 +375,10 @@ def ntk_gram(
     chunk: int = 256,
     max_bytes: int = 1 << 30,
 ) -> np.ndarray:
-    """Theta = J~ J~^T of :func:`gauss_newton_eigenvalues` (float64, shape (N, N)): the NTK
-    J J^T weighted by the loss curvature, (2/N) J J^T for ``F.mse_loss``, in data order."""
+    """Theta = J~ J~^T of :func:`gauss_newton_eigenvalues`, float64, shape (N, N).
+
+    The NTK J J^T weighted by the loss curvature, (2/N) J J^T for ``F.mse_loss``, in data order.
+    """
     jac = _scaled_jacobian(
         model, loss_fn, data, params, dtype, device, unpack_batch, chunk, max_bytes
     )
@@ -432,7 +447,9 @@ def kernel_norm(
     Args:
         gram: Theta, shape (N, N), symmetric PSD, over the whole training set
             (:func:`ntk_gram`); N = its size.
-        eta, batch_size, replacement: As for :func:`stochastic_edge`.
+        eta: SGD's learning rate, as for :func:`stochastic_edge`.
+        batch_size: B.
+        replacement: Whether a batch's B samples are drawn with replacement.
         tol: Relative tolerance of the Lanczos iteration (ARPACK) on Q (N > 24).
 
     Returns:
@@ -504,8 +521,15 @@ def noise_kernel_norm(
         num_samples: N for gamma when ``data`` is not the whole training set; default the
             samples of ``data``.
         replacement: Batches drawn with replacement (default: B-subsets).
+        num_deflate: Top eigenpairs of G deflated exactly by "slq".
+        num_iters: Lanczos steps per probe of "slq".
+        num_probes: Probes of "slq".
         seed: Seed of the deflation's start vector and of the SLQ probes.
-        params, dtype, device, unpack_batch: As for :class:`~curvscope.HessianOperator`.
+        params: Parameters to analyse (names or parameters); default all trainable, as for
+            :class:`~curvscope.HessianOperator`.
+        dtype: Product dtype; default float64 on CPU, the model's dtype on GPU.
+        device: Where the work runs; default the model's device.
+        unpack_batch: ``batch -> (inputs, targets)`` for batches that are not pairs.
         max_bytes: "auto" takes "exact" when the N x n float64 Jacobian fits this.
         exact_kernel: With "exact" and N <= :data:`KERNEL_MAX_SAMPLES` (``data`` the whole
             training set), also ||Q|| of (6) (:func:`kernel_norm`: 2 N^3 flops per Lanczos
@@ -631,8 +655,10 @@ def check_one_output(outputs: Any, size: int | None = None) -> None:
 
 
 def _output_curvature(loss_fn: LossFn, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-    """Diagonal of d^2 L_b / d outputs^2 (shape (|b|,)); refuses a loss coupling samples or
-    concave in an output."""
+    """Diagonal of d^2 L_b / d outputs^2, shape (|b|,).
+
+    Refuses a loss coupling samples or concave in an output.
+    """
     leaf = outputs.detach().requires_grad_(True)
     loss = loss_fn(leaf, batch.targets)
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:

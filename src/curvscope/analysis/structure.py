@@ -110,6 +110,7 @@ class SpectrumStructure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectrumStructure:
+        """Inverse of :meth:`to_dict` (extra keys such as ``num_outliers`` are ignored)."""
         kwargs = {name: data[name] for name in cls.__dataclass_fields__}
         for name in _ARRAYS:
             kwargs[name] = np.asarray(kwargs[name], dtype=np.float64)
@@ -252,8 +253,11 @@ def _bulk_edges(c: _Clusters, gap_factor: float, max_mass: float) -> tuple[int, 
 
 
 def default_cluster_rtol(d: SpectralDensity) -> float:
-    """1e-6 for float64 operator products, 1e-4 otherwise (Ritz values of an isolated
-    eigenvalue agree across probes to about the products' accuracy times ||A||)."""
+    """Default ``cluster_rtol``: 1e-6 for float64 operator products, 1e-4 otherwise.
+
+    Ritz values of an isolated eigenvalue agree across probes to about the products' accuracy times
+    ||A||.
+    """
     dtype = str(d.meta.get("operator_dtype", "float64"))
     return 1e-6 if dtype == "float64" else 1e-4
 

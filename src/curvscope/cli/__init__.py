@@ -1,7 +1,8 @@
-"""The ``curvscope`` command: Hessian density, top eigenpairs and trace of a model's loss, its
-split into Gauss-Newton and class terms, the gradient's overlap with the top eigenspace,
-per-layer densities, and its curvature tracked during training (``track``) with the figures
-of a run (``plot``).
+"""The ``curvscope`` command: curvature of a model's loss from the command line.
+
+Hessian density, top eigenpairs and trace of a model's loss, its split into Gauss-Newton and class
+terms, the gradient's overlap with the top eigenspace, per-layer densities, and its curvature
+tracked during training (``track``) with the figures of a run (``plot``).
 
 Models, data and losses are given as import paths ``package.module:name`` (as uvicorn and
 Lightning take them); the built-in digits problem of :mod:`curvscope.zoo` is the default.

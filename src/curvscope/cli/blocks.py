@@ -1,5 +1,8 @@
-"""``curvscope blocks``: one SLQ density per layer (or per group of parameters) of the diagonal
-curvature blocks, as Zhang et al. 2024 compare them across architectures."""
+"""``curvscope blocks``: one SLQ density per layer (or group of parameters).
+
+The densities of the diagonal curvature blocks, as Zhang et al. 2024 compare them across
+architectures.
+"""
 
 from __future__ import annotations
 

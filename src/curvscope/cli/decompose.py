@@ -1,6 +1,9 @@
-"""``curvscope decompose``: SLQ densities of the Hessian H, the Gauss-Newton matrix G, the
-residual H - G and, for cross-entropy and MSE, Papyan's terms of G (true-label means G0, class
-means G1, cross-class G2, within-class W), side by side, with each density's structure."""
+"""``curvscope decompose``: densities of H, G, H - G and Papyan's terms of G, side by side.
+
+SLQ densities of the Hessian H, the Gauss-Newton matrix G, the residual H - G and, for cross-entropy
+and MSE, Papyan's terms of G (true-label means G0, class means G1, cross-class G2, within-class W),
+with each density's structure.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""``curvscope density``: the Hessian's eigenvalue density by stochastic Lanczos quadrature,
-resumable from a checkpoint, with its structure on request (``--structure``)."""
+"""``curvscope density``: the Hessian's eigenvalue density by stochastic Lanczos quadrature.
+
+Resumable from a checkpoint, with its structure on request (``--structure``).
+"""
 
 from __future__ import annotations
 
@@ -85,16 +87,20 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:
-    """OUT/checkpoint, or OUT/checkpoint/rankR under torchrun: every rank keeps its own
-    (identical) Lanczos state, so no two processes write one file."""
+    """OUT/checkpoint, or OUT/checkpoint/rankR under torchrun.
+
+    Every rank keeps its own (identical) Lanczos state, so no two processes write one file.
+    """
     folder = options.results_dir(args) / "checkpoint"
     return folder / f"rank{rank()}" if is_distributed() else folder
 
 
 def parameters_sha256(op: Any) -> str:
-    """sha256 of the analysed parameters' names, dtypes, shapes and values (the model's own
-    tensors, before any cast to the product dtype): 2.3 ms for 1M float32 parameters, 4.7 ms
-    for float64, on one CPU thread."""
+    """sha256 of the analysed parameters' names, dtypes, shapes and values.
+
+    The model's own tensors, before any cast to the product dtype: 2.3 ms for 1M float32 parameters,
+    4.7 ms for float64, on one CPU thread.
+    """
     digest = hashlib.sha256()
     function = getattr(op, "function", None)
     named = dict(function.model.named_parameters()) if function is not None else {}
@@ -107,10 +113,12 @@ def parameters_sha256(op: Any) -> str:
 
 
 def density_identity(args: argparse.Namespace, spec: ProblemSpec, op: Any) -> dict[str, Any]:
-    """What a density checkpoint measures, stored with it and compared on ``--resume``: the
-    model, data and loss as given, the operator, analysed parameters and dtype, --iters,
-    --probes, --seed, and a hash of the parameters' values (a model file edited between the
-    runs, or a factory with another seed, gives another Hessian under the same names)."""
+    """What a density checkpoint measures, stored with it and compared on ``--resume``.
+
+    The model, data and loss as given, the operator, analysed parameters and dtype, --iters,
+    --probes, --seed, and a hash of the parameters' values (a model file edited between the runs, or
+    a factory with another seed, gives another Hessian under the same names).
+    """
     return {
         "command": "density",
         "model": spec.model,

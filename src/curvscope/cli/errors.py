@@ -1,5 +1,7 @@
-"""How the command reports a failure: one line on stderr, exit status 2 for what the user can
-fix (:func:`is_user_error`), 1 for anything else."""
+"""How the command reports a failure: one line on stderr and an exit status.
+
+Exit status 2 for what the user can fix (:func:`is_user_error`), 1 for anything else.
+"""
 
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def raised_outside_curvscope(error: BaseException) -> bool:
-    """True when the innermost frame of the error is not curvscope's (torch, the model, the
-    loss): not one of curvscope's own checks."""
+    """True when the innermost frame of the error is not curvscope's.
+
+    That is, torch, the model or the loss raised it: not one of curvscope's own checks.
+    """
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
         return False
@@ -46,8 +50,11 @@ def raised_outside_curvscope(error: BaseException) -> bool:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """True for a failure the user can fix (exit status 2): :data:`USER_ERRORS`, and
-    :data:`CHECK_ERRORS` raised by curvscope's own checks with a message."""
+    """True for a failure the user can fix (exit status 2).
+
+    That is :data:`USER_ERRORS`, and :data:`CHECK_ERRORS` raised by curvscope's own checks with a
+    message.
+    """
     if isinstance(error, USER_ERRORS):
         return True
     return (

@@ -1,5 +1,7 @@
-"""Messages about the user's data: a note when a model of the user's gets the built-in digits,
-and, after a failure, an explanation when the data caused it.
+"""Messages about the user's data: a note on the default data, an explanation of a failure.
+
+A note when a model of the user's gets the built-in digits, and, after a failure, an explanation
+when the data caused it.
 
 :func:`remember` keeps the data a command loaded (one command at a time; :func:`forget`
 clears it when the next one starts) so that :func:`explain_failure` can look at batch 0
@@ -55,8 +57,10 @@ def forget() -> None:
 
 
 def remember(loaded: LoadedData) -> None:
-    """Keep the loaded data for :func:`explain_failure`, and say on stderr when a model of the
-    user's gets the built-in digits because --data was not given."""
+    """Keep the loaded data for :func:`explain_failure`; note when the digits stand in for it.
+
+    Says on stderr when a model of the user's gets the built-in digits because --data was not given.
+    """
     _loaded[:] = [loaded]
     if loaded.on_default_data and not loaded.model_spec.startswith("curvscope.zoo:"):
         print(

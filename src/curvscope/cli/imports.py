@@ -1,5 +1,6 @@
-"""Import paths ``package.module:name`` (or ``path/to/file.py:name``) of the model, the data,
-the loss and the unpack hook, resolved as uvicorn and Lightning resolve theirs.
+"""Import paths ``package.module:name`` of the model, the data, the loss and the unpack hook.
+
+Also ``path/to/file.py:name``; resolved as uvicorn and Lightning resolve theirs.
 
 Every mistake (a missing module, attribute or file, a factory that fails, an object of the
 wrong kind) is a :class:`~curvscope.cli.errors.CLIError` that says what is wrong and how to
@@ -64,8 +65,10 @@ def load_object(spec: str, option: str) -> Any:
 
 
 def _defined_in(obj: Any, name: str, owner: str) -> bool:
-    """True when ``obj.name`` was defined in module ``owner`` (False when reading it fails:
-    the hint of an error message must not raise)."""
+    """True when ``obj.name`` was defined in module ``owner``.
+
+    False when reading it fails: the hint of an error message must not raise.
+    """
     try:
         return getattr(getattr(obj, name), "__module__", None) == owner
     except Exception:
@@ -128,8 +131,11 @@ def _load_file(path: Path, spec: str, option: str) -> ModuleType:
 
 
 def _loaded_as_file(module_name: str) -> ModuleType | None:
-    """The module a ``path/to/file.py`` import path loaded, when importing ``module_name``
-    would run that same file again (``--model mymodels.py:build --data mymodels:batches``)."""
+    """The module a ``path/to/file.py`` import path loaded, when ``module_name`` is that file.
+
+    Importing ``module_name`` would run that same file again (``--model mymodels.py:build --data
+    mymodels:batches``).
+    """
     if not _FILE_MODULES or module_name in sys.modules:
         return None
     try:
@@ -144,8 +150,10 @@ def _loaded_as_file(module_name: str) -> ModuleType | None:
 
 
 def _imported_from(path: Path) -> ModuleType | None:
-    """A module already imported from the file ``path`` (``--data mymodels:batches`` before
-    ``--model mymodels.py:build``), or None."""
+    """A module already imported from the file ``path``, or None.
+
+    As with ``--data mymodels:batches`` before ``--model mymodels.py:build``.
+    """
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
         if isinstance(file, str) and os.path.basename(file) == path.name:

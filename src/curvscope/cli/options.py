@@ -1,6 +1,8 @@
-"""What the commands share on the command line and around it: number types, option groups
-(the problem, SLQ, eigenpairs, --operator), the results folder, progress bars, and the one
-rank-0 policy under torchrun (:func:`rank0_output`)."""
+"""What the commands share on the command line and around it.
+
+Number types, option groups (the problem, SLQ, eigenpairs, --operator), the results folder, progress
+bars, and the one rank-0 policy under torchrun (:func:`rank0_output`).
+"""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class CLIParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors become one-line :class:`CLIError`."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise a :class:`CLIError` pointing to --help instead of exiting (argparse's default)."""
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
@@ -214,8 +217,10 @@ def tolerance(args: argparse.Namespace, dtype: torch.dtype) -> float:
 
 
 def operator_option(parser: argparse.ArgumentParser, what: str) -> None:
-    """--operator hessian|ggn (:func:`~curvscope.cli.problem.operator_class`); ``what`` says
-    what it is used for."""
+    """--operator hessian|ggn (:func:`~curvscope.cli.problem.operator_class`).
+
+    ``what`` says what it is used for.
+    """
     parser.add_argument("--operator", choices=["hessian", "ggn"], default="hessian", help=what)
 
 
@@ -229,12 +234,13 @@ _scratch: list[Path] = []
 
 @contextlib.contextmanager
 def rank0_output() -> Iterator[None]:
-    """The one rank-0 policy: under torchrun every rank runs the command (products and class
-    sums are all-reduced, so all compute the same numbers) and only rank 0 shows them. The
-    other ranks print nothing (their stdout and stderr go nowhere; an error still reaches
-    the terminal) and :func:`out_dir` gives them a temporary folder, removed afterwards. What
-    a rank keeps for itself (its density checkpoint, its tracked run folder) stays where the
-    command puts it."""
+    """The one rank-0 policy: under torchrun every rank runs the command, rank 0 shows it.
+
+    Products and class sums are all-reduced, so all ranks compute the same numbers. The other ranks
+    print nothing (their stdout and stderr go nowhere; an error still reaches the terminal) and
+    :func:`out_dir` gives them a temporary folder, removed afterwards. What a rank keeps for itself
+    (its density checkpoint, its tracked run folder) stays where the command puts it.
+    """
     if not is_distributed() or is_main_process():
         yield
         return
@@ -256,8 +262,10 @@ def results_dir(args: argparse.Namespace) -> Path:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    """Check and create :func:`results_dir`; the folder this process writes its results to
-    (a temporary one on ranks > 0, see :func:`rank0_output`)."""
+    """The folder this process writes its results to, checked and created.
+
+    That is :func:`results_dir`, or a temporary one on ranks > 0 (see :func:`rank0_output`).
+    """
     out = results_dir(args)
     check_out(out)
     try:

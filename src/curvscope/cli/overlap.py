@@ -1,6 +1,8 @@
-"""``curvscope overlap``: how much of the gradient lies in the top-k eigenspace (Gur-Ari et al.
-2018), the curvature along the gradient, and the overlap of top-k subspaces with saved
-eigenpairs."""
+"""``curvscope overlap``: how much of the gradient lies in the top-k eigenspace.
+
+As Gur-Ari et al. 2018 measure it; also the curvature along the gradient, and the overlap of top-k
+subspaces with saved eigenpairs.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""``curvscope plot``: the figures of a tracked run folder (sharpness, density evolution,
-traces), whichever the run has."""
+"""``curvscope plot``: the figures of a tracked run folder.
+
+Sharpness, density evolution, traces: whichever the run has.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The problem every command measures: model, data and loss from their import paths, loaded
-once (:func:`load_problem`), and the operator options and metadata the commands share.
+"""The problem every command measures: model, data and loss from their import paths.
+
+Loaded once (:func:`load_problem`), with the operator options and metadata the commands share.
 
 Factories run with torch's RNG seeded by --seed (the caller's RNG state is restored), so the
 same command builds the same model; under torchrun each rank walks its own shard of the data.
@@ -71,9 +72,11 @@ class ProblemSpec:
     def from_args(
         cls, args: argparse.Namespace, defaults: ProblemDefaults, **settings: Any
     ) -> ProblemSpec:
-        """The problem of parsed options (:func:`~curvscope.cli.options.problem_parser`):
+        """The problem of parsed options (:func:`~curvscope.cli.options.problem_parser`).
+
         --model, --data and --loss not given are ``defaults``; ``settings`` (a resumed run's)
-        replace the options' values."""
+        replace the options' values.
+        """
         spec = cls(
             model=defaults.model if args.model is None else args.model,
             data=defaults.data if args.data is None else args.data,
@@ -126,8 +129,11 @@ class LoadedProblem:
         return cls(self.model, self.loss_fn, self.data, **{**self.options(), **kwargs})
 
     def meta(self, op: Any = None) -> dict[str, Any]:
-        """What to record with a result: the import paths, the parameters, the command line,
-        and with ``op`` its number of samples, device and class."""
+        """What to record with a result.
+
+        The import paths, the parameters, the command line, and with ``op`` its number of samples,
+        device and class.
+        """
         spec = self.spec
         meta: dict[str, Any] = {
             "model": spec.model,
@@ -143,8 +149,10 @@ class LoadedProblem:
         return meta
 
     def annotate(self, result: Any, op: Any = None, **extra: Any) -> Any:
-        """A result (a frozen dataclass with ``meta``) with :meth:`meta` and ``extra`` added
-        to its metadata."""
+        """A result (a frozen dataclass with ``meta``) with more metadata.
+
+        Adds :meth:`meta` and ``extra`` to the result's metadata.
+        """
         return dataclasses.replace(result, meta={**result.meta, **self.meta(op), **extra})
 
     def describe(self, op: Any, what: str = "Hessian") -> str:

@@ -12,8 +12,11 @@ from .errors import PROG
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM during a command: unwinds like Ctrl-C, so ``finally`` blocks run and
-    temporary files are removed, and the command exits with status 128 + the signal number."""
+    """SIGTERM during a command: unwinds like Ctrl-C.
+
+    So ``finally`` blocks run and temporary files are removed, and the command exits with status
+    128 + the signal number.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -63,8 +66,10 @@ class Signals:
         self.previous_hook(unraisable)
 
     def finish(self) -> None:
-        """The command is over: the program exits at the next signal; from Python, the
-        caller's handlers and unraisable hook are restored."""
+        """The command is over: the program exits at the next signal.
+
+        From Python, the caller's handlers and unraisable hook are restored.
+        """
         if self.program:
             self.finished = True
             return
@@ -82,8 +87,10 @@ def signal_line(signum: int) -> str:
 
 
 def interrupted(stop: KeyboardInterrupt) -> int:
-    """Print the one line of an interrupted command; its exit status (130 for Ctrl-C, 143
-    for SIGTERM)."""
+    """Print the one line of an interrupted command; return its exit status.
+
+    130 for Ctrl-C, 143 for SIGTERM.
+    """
     signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
     print(signal_line(signum), file=sys.stderr)
     return 128 + signum

@@ -1,5 +1,8 @@
-"""How many threads torch gets: --threads, else the CPUs this process may use, and one thread
-for small models (sleeping threads cost them more than they give)."""
+"""How many threads torch gets.
+
+--threads, else the CPUs this process may use, and one thread for small models (sleeping threads
+cost them more than they give).
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ ONE_THREAD_BELOW = 100_000
 
 
 def num_threads(args: argparse.Namespace, environ: Any = os.environ) -> int | None:
-    """Threads for torch: --threads, else :func:`~curvscope.resources.available_cpus`, else
-    None (torch's choice) when OMP_NUM_THREADS or MKL_NUM_THREADS is set."""
+    """Threads for torch: --threads, else :func:`~curvscope.resources.available_cpus`.
+
+    None (torch's choice) when OMP_NUM_THREADS or MKL_NUM_THREADS is set.
+    """
     if getattr(args, "threads", None):
         return int(args.threads)
     if any(environ.get(name) for name in THREAD_COUNT_ENV):
@@ -35,15 +40,19 @@ def num_threads(args: argparse.Namespace, environ: Any = os.environ) -> int | No
 
 
 def fit_threads_to_model(args: argparse.Namespace, model: nn.Module) -> None:
-    """:func:`fit_threads` when the threads are the program's default
-    (``args.default_threads``: no --threads, no OMP_NUM_THREADS)."""
+    """:func:`fit_threads` when the threads are the program's default.
+
+    That is ``args.default_threads``: no --threads, no OMP_NUM_THREADS.
+    """
     if getattr(args, "default_threads", False):
         fit_threads(model)
 
 
 def fit_threads(model: nn.Module) -> None:
-    """One torch thread for a model below :data:`ONE_THREAD_BELOW` trainable parameters: the
-    count depends on the model alone, so the same command always runs the same kernels."""
+    """One torch thread for a model below :data:`ONE_THREAD_BELOW` trainable parameters.
+
+    The count depends on the model alone, so the same command always runs the same kernels.
+    """
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if size < ONE_THREAD_BELOW:
         torch.set_num_threads(1)

@@ -1,5 +1,7 @@
-"""``curvscope top``: the extreme Hessian eigenpairs by implicitly restarted Lanczos, each
-checked by its residual."""
+"""``curvscope top``: the extreme Hessian eigenpairs by implicitly restarted Lanczos.
+
+Each pair is checked by its residual.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""``curvscope track``: train a model while a :class:`~curvscope.tracking.Tracker` takes
-curvature snapshots on a schedule, resumable with ``--resume`` (the loop and its state are
-:mod:`curvscope.tracking.training`'s)."""
+"""``curvscope track``: train a model while curvature snapshots are taken on a schedule.
+
+A :class:`~curvscope.tracking.Tracker` takes them; resumable with ``--resume`` (the loop and its
+state are :mod:`curvscope.tracking.training`'s).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ TRACK_PROBLEM = ProblemDefaults("curvscope.zoo:digits_mlp", "curvscope.zoo:digit
 
 @dataclasses.dataclass(frozen=True)
 class TrackSettings:
-    """What a run is trained and measured with: the options given, else (with --resume) the
-    run's own, else these defaults. All are None in the parser when not given."""
+    """What a run is trained and measured with.
+
+    The options given, else (with --resume) the run's own, else these defaults. All are None in the
+    parser when not given.
+    """
 
     model: str = TRACK_PROBLEM.model
     data: str = TRACK_PROBLEM.data
@@ -50,8 +55,10 @@ DEFAULTS = TrackSettings()
 
 
 class _Formatter(options.FORMATTER):
-    """Lists the registered measurements in --measure's help, loading curvscope.tracking only
-    when the help is shown."""
+    """Lists the registered measurements in --measure's help.
+
+    Loads curvscope.tracking only when the help is shown.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = super()._get_help_string(action)
@@ -199,8 +206,10 @@ def settings(args: argparse.Namespace) -> TrackSettings:
 
 
 def measurements(text: str) -> list[str]:
-    """The --measure list, checked and put in the order the measurements run in (that of
-    :data:`curvscope.tracking.MEASUREMENTS`: stability reuses top's lambda_max)."""
+    """The --measure list, checked and put in the order the measurements run in.
+
+    That of :data:`curvscope.tracking.MEASUREMENTS`: stability reuses top's lambda_max.
+    """
     from ..tracking import MEASUREMENTS
 
     known = ",".join(MEASUREMENTS)

@@ -1,6 +1,9 @@
-"""Where a Lanczos basis lives: in memory, or in a file for models whose m x n basis does not
-fit in RAM. Both store float64 rows of shape (k, n) per step, laid out as an (m, k, n)
-row-major array (the file is exactly that array's bytes)."""
+"""Where a Lanczos basis lives: in memory, or in a file.
+
+The file is for models whose m x n basis does not fit in RAM. Both store float64 rows of shape
+(k, n) per step, laid out as an (m, k, n) row-major array (the file is exactly that array's
+bytes).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class MemoryBasis:
         self.chunk_steps = max(1, CHUNK_BYTES // (k * n * 8))
 
     def write(self, step: int, rows: torch.Tensor) -> None:
+        """Store ``rows`` (k, n) as the basis rows of Lanczos step ``step``."""
         self.data[step].copy_(rows)
 
     def read_chunks(self, stop: int, probes: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -49,6 +53,7 @@ class MemoryBasis:
         return self.data[step].clone()
 
     def close(self) -> None:
+        """Release the memory of the basis."""
         self.data = torch.empty(0)
 
 
@@ -159,6 +164,7 @@ class DiskBasis:
         os.fsync(self.fd)
 
     def write(self, step: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` (k, n), as float64, as the basis rows of Lanczos step ``step``."""
         self._pwrite(rows.detach().to("cpu", torch.float64).numpy(), self._offset(step))
 
     def read_chunks(self, stop: int, probes: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -196,6 +202,7 @@ class DiskBasis:
         return out.to(self.device)
 
     def close(self) -> None:
+        """Close the file (an unnamed one disappears with it); idempotent."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -206,8 +213,9 @@ class DiskBasis:
 
 
 def _anonymous_file(folder: Path) -> tuple[int, Path, Path | None]:
-    """A new read-write file in ``folder`` that has no name: (descriptor, path for messages,
-    path still to remove on close or None).
+    """A new read-write file in ``folder`` that has no name.
+
+    Returns (descriptor, path for messages, path still to remove on close or None).
 
     Linux creates it nameless (``O_TMPFILE``); elsewhere, or on a file system without
     ``O_TMPFILE``, it is created under a unique name and unlinked at once. Where an open file

@@ -78,6 +78,7 @@ class SpectralDensity:
 
     @property
     def num_probes(self) -> int:
+        """Number of probes P."""
         return int(self.nodes.shape[0])
 
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
@@ -96,11 +97,14 @@ class SpectralDensity:
         return float(np.nanmax(self.nodes))
 
     def default_variance(self) -> float:
+        """Ghorbani et al.'s kernel variance 1e-5 * max(1, lambda_max - lambda_min)."""
         return ghorbani_variance(self.lambda_min, self.lambda_max)
 
     def grid(self, num: int = 10_000, margin: float | None = None) -> np.ndarray:
-        """Evenly spaced grid over [lambda_min, lambda_max] widened by ``margin`` each side
-        (default: 5 kernel widths, so the edge Gaussians are whole)."""
+        """Evenly spaced grid over [lambda_min, lambda_max] widened by ``margin`` each side.
+
+        Default margin: 5 kernel widths, so the edge Gaussians are whole.
+        """
         if margin is None:
             margin = 5.0 * float(np.sqrt(self.default_variance()))
         return np.linspace(self.lambda_min - margin, self.lambda_max + margin, num)

@@ -65,6 +65,7 @@ class Eigenpairs:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str], with_vectors: bool = True) -> tuple[Path, Path]:
+        """Write ``path.npz`` (values, residuals, converged, vectors) and ``path.json`` (meta)."""
         arrays = {"values": self.values, "residuals": self.residuals, "converged": self.converged}
         if with_vectors:
             arrays["vectors"] = self.vectors
@@ -72,8 +73,10 @@ class Eigenpairs:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Eigenpairs:
-        """Read pairs written by :meth:`save`; round-trips exactly (without vectors, when saved
-        with ``with_vectors=False``, ``vectors`` is an empty (0, k) array).
+        """Read pairs written by :meth:`save`; round-trips exactly.
+
+        Without vectors, when saved with ``with_vectors=False``: ``vectors`` is then an empty (0, k)
+        array.
 
         Raises:
             FileNotFoundError: A file is missing.
@@ -218,9 +221,10 @@ def _residuals(apply: Any, values: np.ndarray, vectors: np.ndarray, norm_est: fl
 def _lanczos_pairs(
     op: LinearOperatorLike, k: int, which: str, tol: float, max_steps: int, seed: int
 ) -> tuple[np.ndarray | None, np.ndarray | None, float, int]:
-    """Plain Lanczos (full reorthogonalization, one start vector) until the k wanted Ritz
-    pairs' residual estimates |beta_j s_{j,i}| are below ``_LANCZOS_MARGIN * tol`` relative
-    to max(|theta_i|, max |Ritz value|), or ``max_steps``.
+    """Plain Lanczos (full reorthogonalization, one start vector) to a residual tolerance.
+
+    Runs until the k wanted Ritz pairs' residual estimates |beta_j s_{j,i}| are below
+    ``_LANCZOS_MARGIN * tol`` relative to max(|theta_i|, max |Ritz value|), or ``max_steps``.
 
     Returns (values (k,), vectors (n, k), max |Ritz value|, products); values and vectors are
     None when fewer than k Ritz values exist (a breakdown before k steps).

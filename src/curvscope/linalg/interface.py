@@ -20,7 +20,8 @@ class LinearOperatorLike(Protocol):
     dtype: torch.dtype
     device: torch.device
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Apply the operator to the columns of ``V`` (n, k); returns (n, k)."""
 
 
 #: Alignment (bytes) of torch's CPU allocations; BLAS kernels may pick code paths by it.
@@ -28,8 +29,9 @@ ALIGNMENT = 64
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as a contiguous tensor whose data starts at a multiple of :data:`ALIGNMENT`
-    bytes (a copy only when it does not already).
+    """``tensor`` as a contiguous tensor whose data starts at a multiple of :data:`ALIGNMENT` bytes.
+
+    A copy only when it does not already.
 
     Intel MKL, torch's BLAS on x86, rounds a product differently when an operand starts at
     another offset modulo 16 bytes (measured: 1e-14 apart for a 120 x 120 float64 matrix
@@ -61,10 +63,12 @@ class DenseOperator:
         self.num_products = 0
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply the columns of ``V`` (n, k); counts k products."""
         self.num_products += V.shape[1]
         return self.matrix @ V
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Multiply one vector ``v`` (n,); counts one product."""
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
 
@@ -93,8 +97,10 @@ def apply_rows(op: LinearOperatorLike, rows: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_rows(k: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """k standard Gaussian rows of length n, float64, drawn on the CPU so the seed alone
-    fixes them on every device."""
+    """k standard Gaussian rows of length n, float64.
+
+    Drawn on the CPU so the seed alone fixes them on every device.
+    """
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(k, n, generator=generator, dtype=torch.float64).to(device)
 

@@ -291,10 +291,16 @@ def _step(
     previous: torch.Tensor,
     beta_prev: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Lanczos step of the probes ``idx`` (a of them): one product, then the three-term
-    recurrence and the full reorthogonalization against the basis rows [0, step].
+    """One Lanczos step of the probes ``idx`` (a of them).
+
+    One product, then the three-term recurrence and the full reorthogonalization against the basis
+    rows [0, step].
 
     Args:
+        op: The operator.
+        store: The basis; rows [0, step] of the probes ``idx`` are read.
+        step: j, the index of ``current`` in the basis.
+        idx: Indices of the probes that take this step, shape (a,).
         current: The probes' current vectors q_j, rows (a, n); already in ``store`` at ``step``.
         previous: Their previous vectors q_{j-1}, rows (a, n) (zeros at step 0).
         beta_prev: Their previous betas, shape (a,) (zeros at step 0).
@@ -367,8 +373,10 @@ def _check_first_step(
 
 
 def check_basis_memory(needed: int, device: torch.device, what: str) -> None:
-    """Raise MemoryError when ``needed`` bytes (``what``, float64) exceed the memory available
-    on ``device`` now; do nothing where that cannot be read."""
+    """Raise MemoryError when ``needed`` bytes exceed the memory available on ``device`` now.
+
+    ``what`` names them (float64) in the message; nothing happens where the memory cannot be read.
+    """
     available = resources.available_memory(device)
     if available is not None and needed > available:
         raise MemoryError(
@@ -477,8 +485,10 @@ class _State:
 
     @classmethod
     def load(cls, folder: Path, n: int, k: int, m: int) -> _State | None:
-        """The saved state, validated in full, or None when the folder holds none yet (a fresh
-        start). Reads nothing but the state; writes nothing."""
+        """The saved state, validated in full, or None when the folder holds none yet.
+
+        None means a fresh start. Reads nothing but the state; writes nothing.
+        """
         file = folder / CHECKPOINT_STATE
         if not file.exists():
             return None

@@ -1,5 +1,4 @@
-"""Non-normal matrices: eigenvector condition number, pseudospectral radius and the bounds they
-give on the powers ||T^k||.
+"""Non-normal matrices: eigenvector condition number, pseudospectral radius, bounds on ||T^k||.
 
 For a diagonalisable T = V D V^-1 with spectral radius rho,
 
@@ -103,8 +102,9 @@ def sigma_min(z: complex, T: Any) -> float:
 
 
 def _ray_radius(T: np.ndarray, eps: float, theta: float) -> float:
-    """Largest r >= 0 with sigma_min(r e^{i theta} I - T) = eps, or -1 if the ray misses
-    the eps-pseudospectrum.
+    """Largest r >= 0 with sigma_min(r e^{i theta} I - T) = eps.
+
+    -1 if the ray misses the eps-pseudospectrum.
 
     With A = e^{-i theta} T, eps is a singular value of r I - A (r real) iff r is a real
     eigenvalue of K = [[A, eps I], [eps I, A^H]] (from (rI - A) v = eps u,
@@ -236,6 +236,7 @@ class TransientBounds:
         return bool(self.rho < 1 and self.measured_max > 1 + 1e-12)
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write ``path.npz`` (the arrays) and ``path.json`` (the numbers and metadata)."""
         arrays = {
             "power_norms": self.power_norms,
             "upper": self.upper,

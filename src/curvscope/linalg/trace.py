@@ -1,5 +1,7 @@
-"""Stochastic trace estimators with standard errors: Hutchinson (1989) and Hutch++
-(Meyer, Musco, Musco & Woodruff 2021)."""
+"""Stochastic trace estimators with standard errors: Hutchinson (1989) and Hutch++.
+
+Hutch++ is Meyer, Musco, Musco & Woodruff 2021.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class TraceEstimate:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write ``path.npz`` (the per-probe samples) and ``path.json`` (value, std_error, meta)."""
         arrays = {"samples": self.samples}
         meta = {**self.meta, "value": self.value, "std_error": self.std_error, "kind": "Trace"}
         return save_result(path, arrays, meta)

@@ -20,8 +20,11 @@ MatmatMode = Literal["auto", "batched", "loop"]
 
 
 def resolve_mode(mode: str, device: torch.device, recurrent: bool = False) -> str:
-    """Check ``mode``; "auto" becomes "loop" on the CPU (unless the model is ``recurrent``)
-    and stays "auto" (vmapped, falling back to the loop) elsewhere."""
+    """Check ``mode``; resolve "auto" for ``device``.
+
+    "auto" becomes "loop" on the CPU (unless the model is ``recurrent``) and stays "auto" (vmapped,
+    falling back to the loop) elsewhere.
+    """
     if mode not in ("auto", "batched", "loop"):
         raise ValueError(f"matmat_mode must be 'auto', 'batched' or 'loop', not {mode!r}")
     return "loop" if mode == "auto" and device.type == "cpu" and not recurrent else mode

@@ -56,8 +56,10 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def move(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move every tensor in a (nested) tensor, tuple, list or dict to ``device``; floating
-    tensors also become ``dtype`` unless it is None."""
+    """Move every tensor in a (nested) tensor, tuple, list or dict to ``device``.
+
+    Floating tensors also become ``dtype`` unless it is None.
+    """
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and dtype is not None:
             return obj.to(device=device, dtype=dtype)

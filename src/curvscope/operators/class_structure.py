@@ -143,6 +143,7 @@ class ClassDecomposition:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes C."""
         return int(self.pair_means.shape[0])
 
     def split(self) -> dict[str, Any]:
@@ -191,8 +192,10 @@ def _true_classes(loss: LossKind, targets: torch.Tensor, C: int) -> torch.Tensor
 
 
 def factor_tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance of the loss-kind check: sqrt(eps) of ``dtype`` (1.5e-8 in float64,
-    3.5e-4 in float32). A wrong kind, reduction or class weighting is off by O(1)."""
+    """Relative tolerance of the loss-kind check: sqrt(eps) of ``dtype``.
+
+    1.5e-8 in float64, 3.5e-4 in float32. A wrong kind, reduction or class weighting is off by O(1).
+    """
     return float(torch.finfo(dtype).eps) ** 0.5
 
 

@@ -143,7 +143,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
 
     @property
     def keep_graphs(self) -> KeepGraphs:
-        """ "auto", True or False (see the constructor)."""
+        """The keep_graphs mode: "auto", True or False (see the constructor)."""
         return self.graph_cache.mode
 
     @property
@@ -153,6 +153,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
 
     @property
     def kept_graph_bytes(self) -> int:
+        """Bytes of the graphs kept now (0 before the first product)."""
         return self.graph_cache.kept_bytes
 
     def release_graphs(self) -> None:
@@ -161,10 +162,12 @@ class DatasetCurvatureOperator(CurvatureOperator):
 
     @property
     def num_params(self) -> int:
+        """n, the length of the flat parameter vector."""
         return self.shape[0]
 
     @property
     def param_names(self) -> list[str]:
+        """Analysed parameter names in flat-vector order."""
         return list(self.function.names)
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:

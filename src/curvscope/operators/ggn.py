@@ -52,9 +52,12 @@ class GGNOperator(DatasetCurvatureOperator):
     def gauss_newton_graph(
         self, batch: Batch, outputs: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """What G_b's products share, before any vector: [outputs, their detached leaf,
-        dL_b/d outputs (with its graph), the dummy cotangent u, J^T u per parameter (with its
-        graph)]. Built from ``outputs`` when given (one forward for H and G alike)."""
+        """What G_b's products share, before any vector.
+
+        [outputs, their detached leaf, dL_b/d outputs (with its graph), the dummy cotangent u, J^T u
+        per parameter (with its graph)]. Built from ``outputs`` when given (one forward for H and G
+        alike).
+        """
         leaves = self.function.param_list()
         if outputs is None:
             outputs = self.batch_outputs(batch)
@@ -72,14 +75,18 @@ class GGNOperator(DatasetCurvatureOperator):
         return [outputs, leaf, loss_gradient, dummy, *transposed]
 
     def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Products of the batch's Gauss-Newton matrix G_b with the rows (k, n)."""
         graph = self.graph_cache.get(batch.index, lambda: self.gauss_newton_graph(batch))
         return self.gauss_newton_rows(graph, self.function.split(rows), rows)
 
     def gauss_newton_rows(
         self, graph: list[torch.Tensor], tangents: list[torch.Tensor], rows: torch.Tensor
     ) -> torch.Tensor:
-        """G_b applied to ``rows`` (k, n) (``tangents``: the same, per parameter), through
-        the shared ``graph`` of :meth:`gauss_newton_graph` (kept: every pass retains it)."""
+        """G_b applied to ``rows`` (k, n) through the shared ``graph``.
+
+        ``tangents`` are the rows per parameter; ``graph`` is :meth:`gauss_newton_graph`'s (kept:
+        every pass retains it).
+        """
         leaves = self.function.param_list()
         outputs, leaf, loss_gradient, dummy, *transposed = graph
         (jv,) = self.backward(transposed, [dummy], tangents)
@@ -100,6 +107,7 @@ class ResidualOperator(GGNOperator):
     """
 
     def batch_products(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Products of the batch's H_b - G_b with the rows (k, n), from one forward pass."""
         leaves = self.function.param_list()
 
         def build() -> list[torch.Tensor]:  # one forward for the H and G parts

@@ -49,11 +49,13 @@ class GraphCache:
         self.kept_bytes = 0
 
     def clear(self) -> None:
+        """Forget every kept graph."""
         self.graphs.clear()
         self.not_kept.clear()
         self.kept_bytes = 0
 
     def is_kept(self, index: int) -> bool:
+        """Whether the graph of batch ``index`` is kept now."""
         return index in self.graphs
 
     def get(self, index: int, build: Callable[[], T]) -> T:

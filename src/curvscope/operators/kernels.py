@@ -66,8 +66,11 @@ def has_weight_norm(model: nn.Module) -> bool:
 
 
 class ExplicitWeightNorm(TorchFunctionMode):
-    """Evaluates ``torch._weight_norm(v, g, dim)`` as ``v * (g / norm_except_dim(v, 2, dim))``,
-    the same function (to rounding) with a correct second derivative."""
+    """Evaluates ``torch._weight_norm(v, g, dim)`` by its formula.
+
+    That is ``v * (g / norm_except_dim(v, 2, dim))``, the same function (to rounding) with a correct
+    second derivative.
+    """
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None

@@ -73,6 +73,11 @@ def ntk_trace(
             per batch: ||J^T u||^2 is unbiased for tr(J J^T)).
         num_probes: Probes per batch for "hutchinson".
         seed: Seed of the probes.
+        params: Parameters to analyse (names or parameters); default all trainable, as for
+            :class:`HessianOperator`.
+        dtype: Product dtype; default float64 on CPU, the model's dtype on GPU.
+        device: Where the work runs; default the model's device.
+        unpack_batch: ``batch -> (inputs, targets)`` for batches that are not pairs.
         chunk: Output entries per backward block for "exact".
 
     Returns:

@@ -330,6 +330,7 @@ class UpdateOperator:
 
     @property
     def order(self) -> int:
+        """Order of the recursion: 1 for gd, 2 for the stacked (e_t, e_{t-1}) state."""
         return self.config.order
 
     def curvature(self, V: torch.Tensor) -> torch.Tensor:
@@ -438,8 +439,10 @@ def adam_block(
 
 
 def update_block(config: OptimizerConfig, mu: Any) -> np.ndarray:
-    """The block of ``config`` for eigenvalues mu of P H_c (H + coupled weight decay, times
-    Adam's M), shape (..., order, order)."""
+    """The block of ``config`` for eigenvalues mu of P H_c, shape (..., order, order).
+
+    H_c is H plus coupled weight decay, times Adam's M.
+    """
     a, g, b, h = config.coefficients()
     if config.order == 1:
         return (a - g * np.asarray(mu, dtype=float))[..., None, None]

@@ -171,6 +171,7 @@ class LightningTracker:
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Build the tracker as a Lightning ``Callback`` (imported only now)."""
         real = _combined(_LightningHooks, _lightning_callback_base(), "LightningTracker")
         return real(*args, **kwargs)
 
@@ -191,5 +192,6 @@ class HuggingFaceTracker:
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Build the tracker as a ``transformers.TrainerCallback`` (imported only now)."""
         real = _combined(_HuggingFaceHooks, _huggingface_callback_base(), "HuggingFaceTracker")
         return real(*args, **kwargs)

@@ -104,6 +104,7 @@ Problem = RunProblem
 
 
 def step_dirname(step: int) -> str:
+    """Name of the snapshot folder of ``step``: ``step_00000042``."""
     return f"step_{step:08d}"
 
 
@@ -269,8 +270,10 @@ class RunStore:
     # -- set-up ---------------------------------------------------------------------------
 
     def _holds_no_snapshot(self) -> bool:
-        """True when the folder holds only a run's skeleton: ``run.json``, the lock, an empty
-        (or no) index and no snapshot folder but a killed writer's temporary ones.
+        """True when the folder holds only a run's skeleton.
+
+        That is ``run.json``, the lock, an empty (or no) index and no snapshot folder but a killed
+        writer's temporary ones.
 
         Damaged or set-aside snapshot folders, index lines and any other file count as data,
         so such a folder is still refused without ``resume=True``.
@@ -620,8 +623,10 @@ def _check_snapshot(
 
 
 def _check_manifest_entries(manifest: dict[str, Any]) -> None:
-    """The manifest's file, result and note entries have the shapes a RunStore writes; names
-    are plain file names inside the snapshot folder (no path can lead out of it)."""
+    """The manifest's file, result and note entries have the shapes a RunStore writes.
+
+    Names are plain file names inside the snapshot folder (no path can lead out of it).
+    """
     for name, expected in manifest["files"].items():
         if not _NAME.match(name) or name == MANIFEST:
             raise _DamagedError(f"{MANIFEST} lists {name!r}, not a file name of a snapshot")
@@ -769,6 +774,7 @@ class Run:
         return self.results("trace")
 
     def snapshot_dir(self, step: int) -> Path:
+        """The folder of snapshot ``step``."""
         return self._dirs[int(step)]
 
     def load(self, step: int, name: str) -> Any:
@@ -839,8 +845,10 @@ def _float(value: Any) -> float:
 
 
 def _differing_fields(index_row: dict[str, Any], snapshot_row: dict[str, Any]) -> list[str]:
-    """``"name (index X, snapshot Y)"`` for each field where the two rows differ (NaN equals
-    NaN; a field only one row has differs)."""
+    """``"name (index X, snapshot Y)"`` for each field where the two rows differ.
+
+    NaN equals NaN; a field only one row has differs.
+    """
     absent = object()
     out = []
     for name in sorted(set(index_row) | set(snapshot_row)):
@@ -853,8 +861,10 @@ def _differing_fields(index_row: dict[str, Any], snapshot_row: dict[str, Any]) -
 
 
 def result_classes() -> dict[str, type]:
-    """The result classes a snapshot's manifest may name, by the type name a RunStore writes
-    (``module.QualifiedName``); only these are loaded with their own ``load``."""
+    """The result classes a snapshot's manifest may name, by the type name a RunStore writes.
+
+    Keys are ``module.QualifiedName``; only these are loaded with their own ``load``.
+    """
     from ..analysis.blocks import BlockSpectra
     from ..analysis.overlap import GradientOverlap
     from ..analysis.structure import SpectrumStructure
@@ -885,8 +895,9 @@ FORMER_TYPE_NAMES = {
 
 
 def _loader(type_name: str) -> Any:
-    """``cls.load`` when ``type_name`` is one of :func:`result_classes`; None otherwise (plain
-    ``"arrays"``, or any other name), for :func:`~curvscope.results.load_result`.
+    """``cls.load`` when ``type_name`` is one of :func:`result_classes`, else None.
+
+    None for plain ``"arrays"``, or any other name, for :func:`~curvscope.results.load_result`.
 
     A type name read from a run folder is only looked up in that fixed table: it is never
     imported, resolved as an attribute or called.

@@ -76,9 +76,12 @@ _OPERATOR = "<operator>"
 
 
 class _Current(dict[str, tuple[dict[str, Any], dict[str, Any]]]):
-    """``tracker.current``: name -> (scalars, results); looking up a measurement that was
-    skipped or failed at this snapshot raises :class:`MeasurementSkipped`, so a measurement
-    that needs it is skipped with the reason instead of failing with a ``KeyError``."""
+    """``tracker.current``: name -> (scalars, results) of this snapshot's measurements.
+
+    Looking up a measurement that was skipped or failed at this snapshot raises
+    :class:`MeasurementSkipped`, so a measurement that needs it is skipped with the reason instead
+    of failing with a ``KeyError``.
+    """
 
     def __init__(self, notes: Mapping[str, Mapping[str, str]]) -> None:
         super().__init__()
@@ -300,6 +303,7 @@ class Tracker:
 
     @property
     def run_dir(self) -> Path:
+        """The run folder."""
         return self.store.path
 
     @property
@@ -376,8 +380,11 @@ class Tracker:
     def _build_operator(
         self, step: int, model: nn.Module, notes: dict[str, dict[str, str]]
     ) -> HessianOperator | None:
-        """The snapshot's Hessian operator; None (every measurement noted as failed) when it
-        cannot be built at a later snapshot (see "Failures" in the class docstring)."""
+        """The snapshot's Hessian operator, or None when it cannot be built.
+
+        None (every measurement noted as failed) only at a later snapshot (see "Failures" in the
+        class docstring).
+        """
         try:
             try:
                 op = HessianOperator(
@@ -451,8 +458,11 @@ class Tracker:
         return self._data_identity
 
     def _identity_before_model(self, stored: Mapping[str, Any]) -> dict[str, Any]:
-        """What can be compared before a model is seen: the loss, the data (only when the
-        stored run has a data fingerprint to compare with) and parameters given by name."""
+        """What can be compared before a model is seen.
+
+        The loss, the data (only when the stored run has a data fingerprint to compare with) and
+        parameters given by name.
+        """
         identity: dict[str, Any] = {"loss": self._loss_identity}
         if "data" in stored:
             identity["data"] = self._data_fingerprint()
@@ -461,8 +471,10 @@ class Tracker:
         return identity
 
     def _params_identity(self, model: nn.Module) -> list[str] | str:
-        """Names of the analysed parameters (tensors found in the model by identity); for
-        ``params=None`` the count of trainable tensors and a sha256 of their names."""
+        """Names of the analysed parameters (tensors found in the model by identity).
+
+        For ``params=None`` the count of trainable tensors and a sha256 of their names.
+        """
         named = list(model.named_parameters())
         if self.params is None:
             names = [name for name, p in named if p.requires_grad]
@@ -487,8 +499,10 @@ class Tracker:
     def _take_identity(
         self, model: nn.Module, op: HessianOperator, params: list[str] | str | None
     ) -> None:
-        """Set :attr:`identity` at the session's first snapshot and, on resume, compare it
-        with the stored run's (before anything is measured)."""
+        """Set :attr:`identity` at the session's first snapshot; on resume, compare it.
+
+        Compared with the stored run's, before anything is measured.
+        """
         identity = {
             "loss": self._loss_identity,
             "data": self._data_fingerprint(),
@@ -503,8 +517,10 @@ class Tracker:
         self.identity = identity
 
     def _check_dtype_spelling(self, model: nn.Module, op: HessianOperator) -> None:
-        """A run stored without identities, resumed with the other spelling of its dtype
-        (None vs explicit): accepted when None resolves to the explicit dtype here."""
+        """A run stored without identities, resumed with the other spelling of its dtype.
+
+        None vs explicit: accepted when None resolves to the explicit dtype here.
+        """
         if self._dtype_spellings is None:
             return
         stored, given = self._dtype_spellings
@@ -522,8 +538,10 @@ class Tracker:
             )
 
     def _check_identity(self, identity: Mapping[str, Any]) -> None:
-        """Refuse to resume when ``identity`` differs from the stored run's latest snapshot
-        (keys absent on either side are not compared)."""
+        """Refuse to resume when ``identity`` differs from the stored run's latest snapshot.
+
+        Keys absent on either side are not compared.
+        """
         stored = self.store.last_identity
         if stored is None:
             return
@@ -835,8 +853,10 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def _position_weights(size: int, device: torch.device) -> torch.Tensor:
-    """Fixed weights 1 + frac(j * golden ratio) in [1, 2), distinct for every position j, so a
-    weighted sum changes when values move to other positions."""
+    """Fixed weights 1 + frac(j * golden ratio) in [1, 2), distinct for every position j.
+
+    So a weighted sum changes when values move to other positions.
+    """
     positions = torch.arange(size, dtype=torch.float64, device=device)
     return 1 + torch.remainder(positions * _GOLDEN, 1.0)
 
@@ -1025,8 +1045,10 @@ def _rank_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def _modes_restored(model: nn.Module, to_eval: bool) -> Iterator[None]:
-    """Put every module in eval mode for the block (if ``to_eval``), then give each module
-    back its own training flag (a model may mix modes, e.g. a frozen BatchNorm)."""
+    """Put every module in eval mode for the block (if ``to_eval``), then restore each one's.
+
+    Each module gets back its own training flag (a model may mix modes, e.g. a frozen BatchNorm).
+    """
     if not to_eval:
         yield
         return

@@ -138,6 +138,7 @@ class TrainingSet:
 
     @property
     def full_batch(self) -> bool:
+        """Whether every step sees the whole training set (no batch size)."""
         return self.batch_size is None
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,9 +182,11 @@ class TrainingSet:
         return total
 
     def evaluate(self, model: nn.Module, loss_fn: Callable[..., Any]) -> dict[str, float]:
-        """Mean loss over every sample (and accuracy for class targets); buffers and the RNG
-        state (dropout) restored, so a resumed run that skips an evaluation draws the same
-        numbers as an uninterrupted one."""
+        """Mean loss over every sample (and accuracy for class targets).
+
+        Buffers and the RNG state (dropout) are restored, so a resumed run that skips an evaluation
+        draws the same numbers as an uninterrupted one.
+        """
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         loss, correct, classify = 0.0, 0, True
         with torch.no_grad(), preserved_rng():
@@ -230,8 +233,11 @@ def build_optimizer(
 def save_train_state(
     path: Path, step: int, model: nn.Module, optimizer: Any, settings: Mapping[str, Any]
 ) -> None:
-    """Replace ``path`` atomically with the state before training step ``step``: the model's
-    and the optimizer's state dicts, torch's CPU RNG state and the training ``settings``."""
+    """Replace ``path`` atomically with the state before training step ``step``.
+
+    The model's and the optimizer's state dicts, torch's CPU RNG state and the training
+    ``settings``.
+    """
     buffer = io.BytesIO()
     torch.save(
         {
@@ -250,8 +256,9 @@ def save_train_state(
 def load_train_state(
     path: Path, model: nn.Module, optimizer: Any, settings: Mapping[str, Any]
 ) -> int:
-    """Load the state saved by :func:`save_train_state` into the model, the optimizer and
-    torch's RNG; returns its step.
+    """Load the state saved by :func:`save_train_state`; returns its step.
+
+    Into the model, the optimizer and torch's RNG.
 
     Raises:
         ValueError: When the file cannot be read, is not a training state, or was written
@@ -331,8 +338,9 @@ class TrainingLoop:
         rng.__exit__(kind, error, traceback)
 
     def start_step(self, resume: bool) -> int:
-        """The step training starts from: 0, or with ``resume`` the saved state's step (the
-        state is loaded).
+        """The step training starts from: 0, or with ``resume`` the saved state's step.
+
+        With ``resume`` the state is loaded.
 
         Raises:
             ValueError: With ``resume``, when the run has snapshots but no training state;
