@@ -4,6 +4,7 @@ error that says what to fix (each test asserts on a fragment of that advice)."""
 from __future__ import annotations
 
 import functools
+import random
 import re
 
 import numpy as np
@@ -330,7 +331,7 @@ def test_shuffling_loader_with_batchnorm_in_train_mode():
 
 
 class NoisyDigits(torch.utils.data.Dataset):
-    """A dataset with random augmentation: noise from numpy's or torch's global RNG."""
+    """A dataset with random augmentation: noise from Python's, numpy's or torch's global RNG."""
 
     def __init__(self, X, Y, rng: str) -> None:
         self.X, self.Y, self.rng = X, Y, rng
@@ -339,27 +340,32 @@ class NoisyDigits(torch.utils.data.Dataset):
         return len(self.Y)
 
     def __getitem__(self, i):
-        if self.rng == "numpy":
+        if self.rng == "python":
+            noise = torch.tensor([random.gauss(0.0, 1.0) for _ in range(self.X[i].numel())])
+            noise = noise.reshape(self.X[i].shape)
+        elif self.rng == "numpy":
             noise = torch.from_numpy(np.random.standard_normal(self.X[i].shape))
         else:
             noise = torch.randn(self.X[i].shape, dtype=torch.float64)
         return self.X[i] + 0.1 * noise.to(self.X.dtype), self.Y[i]
 
 
-def test_random_augmentation_outside_torchs_rng_is_refused():
-    """Every product walks the data again; augmentation drawn from numpy's RNG changes the
-    samples between passes, so the operator refuses such a loader. Torch's RNG is restored
-    before every pass, so its augmentation repeats and the operator is deterministic."""
+def test_random_augmentation_outside_the_guarded_rngs_is_refused():
+    """Every product walks the data again; augmentation drawn from Python's ``random`` changes
+    the samples between passes, so the operator refuses such a loader. torch's and numpy's
+    global RNGs are restored before every pass (curvscope.rng.preserved_rng), so their
+    augmentation repeats and the operator is deterministic."""
     case = make_case("relu_mlp_mse")
-    loader = DataLoader(NoisyDigits(case.X, case.Y, "numpy"), batch_size=8)
+    loader = DataLoader(NoisyDigits(case.X, case.Y, "python"), batch_size=8)
     with raises(ValueError, "batch 0 differs between two passes over the data"):
         HessianOperator(case.model, case.loss_fn, loader)
     HessianOperator(case.model, case.loss_fn, loader, check_determinism=False)  # opt out
 
-    repeatable = DataLoader(NoisyDigits(case.X, case.Y, "torch"), batch_size=8)
-    op = HessianOperator(case.model, case.loss_fn, repeatable, keep_graphs=False)
-    v = torch.ones(op.num_params, dtype=torch.float64)
-    assert torch.equal(op.matvec(v), op.matvec(v))
+    for rng in ("torch", "numpy"):
+        repeatable = DataLoader(NoisyDigits(case.X, case.Y, rng), batch_size=8)
+        op = HessianOperator(case.model, case.loss_fn, repeatable, keep_graphs=False)
+        v = torch.ones(op.num_params, dtype=torch.float64)
+        assert torch.equal(op.matvec(v), op.matvec(v)), rng
 
 
 class Shrinking:

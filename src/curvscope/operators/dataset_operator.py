@@ -119,7 +119,7 @@ class DatasetCurvatureOperator(CurvatureOperator):
                     )
         if check_determinism and not shuffling:
             # A second pass, from the same RNG state as every product's pass: random data
-            # augmentation that torch's RNG does not drive (numpy, random) shows up here.
+            # augmentation that preserved_rng does not restore (Python's random) shows up here.
             with preserved_rng():
                 second = self.source.first()
             if not _same_data(first.inputs, second.inputs) or not _same_data(
