@@ -257,6 +257,14 @@ def subspace_overlap(
 
     Returns:
         The overlap, a float in [0, 1].
+
+    Example:
+        A line inside a plane: the smaller subspace lies in the larger one.
+
+        >>> import numpy as np
+        >>> from curvscope.analysis import subspace_overlap
+        >>> subspace_overlap(np.eye(3)[:, :1], np.eye(3)[:, :2])
+        1.0
     """
     A, B = _basis(U1, "U1"), _basis(U2, "U2")
     if A.shape[0] != B.shape[0]:

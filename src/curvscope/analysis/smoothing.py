@@ -92,6 +92,18 @@ def smoothed_density(
     Returns:
         (grid, density), each of shape (g,); density in 1/(units of lambda), integrating to 1
         over the line (to the grid's resolution when the grid covers the spectrum).
+
+    Example:
+        >>> import numpy as np
+        >>> from curvscope import spectral_density
+        >>> from curvscope.analysis import smoothed_density
+        >>> values = np.r_[np.linspace(0.0, 1.0, 50), 10.0]
+        >>> density = spectral_density(np.diag(values), num_iters=20, num_probes=3)
+        >>> for convention in ("ghorbani", "papyan"):
+        ...     grid, p = smoothed_density(density, convention)
+        ...     print(convention, grid.shape, round(float(np.trapezoid(p, grid)), 3))
+        ghorbani (10000,) 1.0
+        papyan (10000,) 1.0
     """
     if convention == "ghorbani":
         if grid is None:

@@ -309,6 +309,17 @@ def spectrum_structure(
 
     Returns:
         :class:`SpectrumStructure`.
+
+    Example:
+        A bulk of 50 eigenvalues in [0, 1] and one at 10:
+
+        >>> import numpy as np
+        >>> from curvscope import spectral_density
+        >>> from curvscope.analysis import spectrum_structure
+        >>> values = np.r_[np.linspace(0.0, 1.0, 50), 10.0]
+        >>> s = spectrum_structure(spectral_density(np.diag(values), num_iters=20, num_probes=3))
+        >>> s.num_outliers, s.outliers.round(6).tolist(), round(s.bulk_max, 2)
+        (1, [10.0], 1.0)
     """
     if gap_factor <= 0:
         raise ValueError(f"gap_factor must be positive, got {gap_factor}")

@@ -42,6 +42,15 @@ def gaussian_mixture(
 
     Returns:
         The mixture at x, shape (g,), float64.
+
+    Example:
+        One standard Gaussian, at its centre and one sigma away:
+
+        >>> import numpy as np
+        >>> from curvscope.linalg.density import gaussian_mixture
+        >>> p = gaussian_mixture(np.array([0.0, 1.0]), np.array([0.0]), np.array([1.0]), 1.0)
+        >>> p.round(6).tolist()
+        [0.398942, 0.241971]
     """
     x = np.asarray(x, dtype=np.float64)
     out = np.empty_like(x)

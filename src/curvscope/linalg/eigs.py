@@ -124,7 +124,6 @@ def top_eigenpairs(
             max_products // (ncv - k) restarts, each of at most ncv - k products; default
             100 * n capped at 20 000 products. Pairs not converged by then are returned with
             ``converged`` False (or an error when none converged).
-            20 000.
         seed: Seed of the start vector.
         method: "lanczos" (one start vector, no restarts, early stop; falls back to ARPACK
             when the basis cap or the check is hit), "arpack", or "auto": Lanczos for k = 1,
@@ -136,6 +135,13 @@ def top_eigenpairs(
 
     Returns:
         :class:`Eigenpairs`; ``converged`` says which pairs met ``tol``.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvscope import top_eigenpairs
+        >>> pairs = top_eigenpairs(np.diag([1.0, 2.0, 3.0, 4.0]), k=2)
+        >>> pairs.values.round(6).tolist(), pairs.converged.tolist(), pairs.vectors.shape
+        ([4.0, 3.0], [True, True], (4, 2))
     """
     op = as_operator(op)
     n = op.shape[0]

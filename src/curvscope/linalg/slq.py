@@ -98,6 +98,18 @@ def spectral_density(
 
     Returns:
         :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape (num_probes, m).
+
+    Example:
+        With as many steps as the dimension, the nodes are the eigenvalues and the weights of
+        each probe sum to 1:
+
+        >>> import numpy as np
+        >>> from curvscope import spectral_density
+        >>> density = spectral_density(np.diag([1.0, 2.0, 3.0]), num_iters=3, num_probes=1)
+        >>> density.nodes.round(6).tolist()
+        [[1.0, 2.0, 3.0]]
+        >>> round(float(density.weights.sum()), 6)
+        1.0
     """
     op = as_operator(op)
     n = op.shape[0]

@@ -90,6 +90,15 @@ def trace(
 
     Returns:
         :class:`TraceEstimate` with the value and its standard error.
+
+    Example:
+        With 3n products Hutch++'s sketch spans the whole space, so the estimate is exact:
+
+        >>> import numpy as np
+        >>> from curvscope import trace
+        >>> estimate = trace(np.diag([1.0, 2.0, 3.0]), num_probes=9)
+        >>> round(estimate.value, 6), estimate.std_error < 1e-12
+        (6.0, True)
     """
     op = as_operator(op)
     n = op.shape[0]

@@ -33,6 +33,24 @@ class HessianOperator(DatasetCurvatureOperator):
 
     Shapes:
         ``matvec``: (n,) -> (n,); ``matmat``: (n, k) -> (n, k).
+
+    Example:
+        Least squares through the origin, two samples: L(w) = mean_i (x_i . w - y_i)^2, so
+        H = (2 / N) X^T X = diag(1, 4) for X = diag(1, 2), whatever w is:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn import functional as F
+        >>> from curvscope import HessianOperator, spectral_density
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> data = [(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1))]
+        >>> H = HessianOperator(model, F.mse_loss, data)
+        >>> H.shape, H.dtype
+        ((2, 2), torch.float64)
+        >>> H.to_dense().tolist()
+        [[1.0, 0.0], [0.0, 4.0]]
+        >>> spectral_density(H, num_iters=2, num_probes=1).nodes.round(6).tolist()
+        [[1.0, 4.0]]
     """
 
     def batch_gradient(self, batch: Batch) -> list[torch.Tensor]:
