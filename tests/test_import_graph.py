@@ -105,3 +105,51 @@ def test_no_command_imports_another_and_cli_modules_stay_small():
     assert crossing == {}  # only curvscope.cli (the package: parse, dispatch) imports commands
     sizes = {name: len(FILES[name].read_text().splitlines()) for name in [*cli, "curvscope.cli"]}
     assert {name: n for name, n in sizes.items() if n > MAX_CLI_LINES} == {}
+
+
+#: The design's direction (../shared/DESIGN.md): numerics know only the operator interface,
+#: operators only PyTorch, analyses and tracking combine the two, CLI and plots sit on top.
+#: A module may import its own layer and those below, never one above. Leaf utilities
+#: (results, resources, distributed, rng, losses, _version, zoo) import no layer at all.
+LAYERS = {
+    "curvscope.linalg": 1,
+    "curvscope.operators": 2,
+    "curvscope.analysis": 3,
+    "curvscope.tracking": 4,
+    "curvscope.plot": 4,
+    "curvscope.cli": 5,
+    "curvscope.program": 6,
+    "curvscope.__main__": 6,
+}
+LEAVES = (
+    "curvscope.results",
+    "curvscope.resources",
+    "curvscope.distributed",
+    "curvscope.rng",
+    "curvscope.losses",
+    "curvscope._version",
+    "curvscope.zoo",
+)
+
+
+def layer(module: str) -> int | None:
+    """The layer of a module (0 for a leaf utility), None for the package root."""
+    if module in LEAVES:
+        return 0
+    for prefix, level in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return level
+    return None
+
+
+def test_no_upward_import():
+    graph, _ = import_graph()
+    upward = sorted(
+        f"{name} -> {imported}"
+        for name, imports in graph.items()
+        for imported in imports
+        if layer(name) is not None and layer(imported) is not None and layer(imported) > layer(name)
+    )
+    assert upward == []
+    unplaced = sorted(name for name in graph if name != "curvscope" and layer(name) is None)
+    assert unplaced == [], "place every new top-level module in LAYERS or LEAVES"
