@@ -22,11 +22,14 @@ Problems:
 - "digits": the first 256 digits, target +1 for 0-4 and -1 for 5-9, the 64-32-32-1 tanh MLP
   of ``zoo.digits_regressor`` (3,169 parameters): a few samples have NTK norms 5-8x the mean.
 
-Then B = 4 runs started at K = 0.4 to 1.2 (3 seeds, 1,000 steps): is K = 1 where
-small-batch SGD stops converging, and does a run started above it come down to K ~ 1?
+Then B = 4 runs started at K = 0.3 to 1.2 (every seed, 1,000 steps): is K = 1 where
+small-batch SGD stops converging, and does a run started above it come down to K ~ 1? Per
+seed the edge is the midpoint between the largest start that converged below the smallest
+start that diverged, and that smallest start.
 
-Run:  .venv/bin/python experiments/stochastic_edge.py [--quick] [--threads 1]
-(--quick: the teacher problem, 3 seeds, 1,000 steps; the scan with one seed, 500 steps.)
+Run:  .venv/bin/python experiments/stochastic_edge.py [--seeds 5] [--quick] [--threads 1]
+(--quick: 1 seed, 300 steps, the scan at K = 0.3, 0.9, 1.2 with 300 steps; well under a
+minute). Prints the tables and writes the summary (experiments/_reproduce.py).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _reproduce import Band, Claim, add_arguments, judge, markdown_table, resolve, write_summary
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -55,7 +60,9 @@ NUM_SAMPLES = 256
 BATCH_SIZES = (4, 64)
 K_START = 0.3
 #: K at step 0 of the B = 4 runs that look for the edge.
-SCAN_STARTS = (0.4, 0.5, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)
+SCAN_STARTS = (0.3, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)
+QUICK_SCAN_STARTS = (0.3, 0.9, 1.2)
+NAME = "stochastic_edge"
 
 
 def teacher_problem(seed: int) -> tuple[nn.Module, list]:
@@ -167,16 +174,17 @@ def print_table(head: list[str], rows: list[list]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="teacher only, 3 seeds, 1000 steps")
     parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (default 1)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="figures (none: accepted for the protocol)")
+    add_arguments(parser)
+    args = resolve(parser.parse_args(), NAME)
     torch.set_num_threads(args.threads)
     threadpool_limits(limits=args.threads)
     started = time.perf_counter()
-    problems = ["teacher"] if args.quick else list(PROBLEMS)
-    seeds = range(3) if args.quick else range(5)
-    steps = 1000 if args.quick else 4000
-    checkpoints = [0, 100, 300, 1000] if args.quick else [0, 100, 300, 1000, 2000, 4000]
+    problems = list(PROBLEMS)
+    seeds = range(args.seeds)
+    steps = 300 if args.quick else 4000
+    checkpoints = [0, 100, 300] if args.quick else [0, 100, 300, 1000, 2000, 4000]
     results = [
         run(problem, b, seed, steps, checkpoints)
         for problem in problems
@@ -219,16 +227,188 @@ def main() -> None:
                 f"diverged: {', '.join(diverged) or 'none'}; "
                 f"{sum(r['time'] for r in chosen):.0f} s"
             )
-    scan(problems, args.quick)
+    scans = scan(problems, args.quick, seeds)
     print(f"total {time.perf_counter() - started:.0f} s with {args.threads} thread(s)")
+    write_summary(
+        args,
+        NAME,
+        "The stochastic edge of stability",
+        setup(steps, checkpoints, args.quick),
+        claims(results, scans, problems, seeds, steps, args.quick),
+        [],
+    )
 
 
-def scan(problems: list[str], quick: bool) -> None:
-    """B = 4 started at K from 0.4 to 1.2: is K = 1 where small-batch SGD stops converging,
+def setup(steps: int, checkpoints: list[int], quick: bool) -> str:
+    starts = QUICK_SCAN_STARTS if quick else SCAN_STARTS
+    scan_steps = 300 if quick else 1000
+    return (
+        f"One-output models that interpolate N = {NUM_SAMPLES} samples, MSE, SGD with B = "
+        f"{' and '.join(map(str, BATCH_SIZES))} (B-subsets, a fresh permutation per epoch), "
+        f"η set per run so that the noise kernel norm K (eq. (4) of "
+        f"`curvscope.analysis.stochastic_edge`, exact from the Gauss-Newton Gram matrix) is "
+        f"{K_START} at step 0; {steps:,} steps, K, ||Q||, ηλ_max(H)/2 and the loss at steps "
+        f"{', '.join(map(str, checkpoints))}. 'teacher': x ~ N(0, I_128), targets from a "
+        "random 128-8-1 tanh network, student 128-64-1 tanh (8,321 parameters; per-sample NTK "
+        "norms nearly equal, the paper's high-dimensional setting). 'digits': the first 256 "
+        "digits, target ±1 (0-4 / 5-9), 64-32-32-1 tanh MLP (3,169 parameters; a few samples "
+        "have NTK norms 5-8x the mean). Scan: B = 4 started at K = "
+        f"{', '.join(f'{k:g}' for k in starts)}, {scan_steps:,} steps each; a run diverges "
+        "when its loss exceeds 1e3 or is not finite. Seeds vary the initialisation and the "
+        "batch order (the teacher data are fixed)."
+    )
+
+
+def edge_estimate(runs: list[dict]) -> tuple[float, float, float]:
+    """(largest converged start below the first diverged one, first diverged start, their
+    midpoint); the midpoint is NaN when no start diverged."""
+    starts = sorted(runs, key=lambda r: r["k_start"])
+    diverged = [r["k_start"] for r in starts if r["diverged"] is not None]
+    if not diverged:
+        return (starts[-1]["k_start"], math.nan, math.nan)
+    first = diverged[0]
+    below = [r["k_start"] for r in starts if r["diverged"] is None and r["k_start"] < first]
+    low = below[-1] if below else math.nan
+    return (low, first, (low + first) / 2 if below else first)
+
+
+def claims(results, scans, problems, seeds, steps, quick) -> list[Claim]:
+    last = max(max(r["snapshots"]) for r in results)
+    teacher = [r for r in results if r["problem"] == "teacher" and r["B"] == 4]
+    k_end = [r["snapshots"][last]["K"] if last in r["snapshots"] else math.nan for r in teacher]
+    v_k = judge(k_end, reproduces=Band(0.8, 1.2), partly=Band(0.6, 1.4))
+    digits_end = [
+        r["snapshots"][last]["K"] if last in r["snapshots"] else math.nan
+        for r in results
+        if r["problem"] == "digits" and r["B"] == 4
+    ]
+    rows = []
+    for r in results:
+        snaps = r["snapshots"]
+        end = max(snaps)
+        rows.append(
+            [
+                r["problem"],
+                r["B"],
+                r["seed"],
+                r["eta"],
+                snaps[end]["K"],
+                snaps[end]["Q"],
+                snaps[end]["sharp"],
+                snaps[end]["loss"],
+                end,
+                "-" if r["diverged"] is None else r["diverged"],
+            ]
+        )
+    main_table = markdown_table(
+        [
+            "problem",
+            "B",
+            "seed",
+            "η",
+            "K (end)",
+            "||Q|| (end)",
+            "ηλ_max/2 (end)",
+            "loss (end)",
+            "end step",
+            "diverged at",
+        ],
+        rows,
+    )
+    scan_starts = QUICK_SCAN_STARTS if quick else SCAN_STARTS
+    out = [
+        Claim(
+            key="K rises to 1",
+            paper="Agarwala & Pennington 2024",
+            claim="Small-batch SGD self-stabilises at the stochastic edge: the noise kernel "
+            "norm K rises to about 1 and stays there, with λ_max well below 2/η.",
+            paper_value="K ≈ 1",
+            metric=f"K at step {last}, teacher problem, B = 4, started at K = {K_START}",
+            values=k_end,
+            labels=[f"seed {r['seed']}" for r in teacher],
+            rule=v_k.rule,
+            verdict=v_k.verdict,
+            details="Every run at its last step:\n\n" + main_table,
+            tried="Longer runs (4,000 steps: K creeps from 0.47 at step 100 to about 0.5 while "
+            "the loss falls by five orders of magnitude: the model interpolates, the gradient "
+            "noise vanishes and nothing pushes K further); starting higher (the scan of the "
+            "next claims: runs started at K = 0.8-1.0 rise at first and come back to 0.7-1.0 "
+            "while they converge, but runs started below do not climb to 1); the digits "
+            f"problem (K at the end {', '.join(f'{k:.2f}' for k in digits_end)}).",
+        )
+    ]
+    for problem in problems:
+        per_seed, labels, table = [], [], []
+        for seed in seeds:
+            runs = [r for r in scans if r["problem"] == problem and r["seed"] == seed]
+            low, high, edge = edge_estimate(runs)
+            per_seed.append(edge)
+            labels.append(f"seed {seed}")
+            table.append(
+                [
+                    seed,
+                    " ".join(
+                        f"{r['k_start']:g}:"
+                        + ("ok" if r["diverged"] is None else f"x{r['diverged']}")
+                        for r in sorted(runs, key=lambda r: r["k_start"])
+                    ),
+                    low,
+                    high,
+                    edge,
+                ]
+            )
+        v = judge(per_seed, reproduces=Band(0.8, 1.25), partly=Band(0.5, 1.6))
+        details = (
+            "Per seed: each start K(0) with 'ok' (converged) or 'x<step>' (diverged at that "
+            "step); the edge is the midpoint of the bracket:\n\n"
+            + markdown_table(["seed", "starts", "converged below", "diverged from", "edge"], table)
+        )
+        if problem == "teacher":
+            out.append(
+                Claim(
+                    key="K = 1 is the edge (teacher)",
+                    paper="Agarwala & Pennington 2024",
+                    claim="K = 1 is where small-batch SGD stops converging, far below the "
+                    "deterministic edge 2/η (high-dimensional setting, samples alike).",
+                    paper_value="edge at K = 1",
+                    metric="K(0) at the edge of B = 4 SGD (midpoint of the converged/diverged "
+                    f"bracket over starts {', '.join(f'{k:g}' for k in scan_starts)})",
+                    values=per_seed,
+                    labels=labels,
+                    rule=v.rule,
+                    verdict=v.verdict,
+                    details=details,
+                )
+            )
+        else:
+            out.append(
+                Claim(
+                    key="K = 1 is the edge (digits)",
+                    paper="Agarwala & Pennington 2024",
+                    claim="The same edge at K = 1 on real data whose samples are not alike "
+                    "(outside the paper's high-dimensional assumption).",
+                    paper_value="edge at K = 1",
+                    metric="K(0) at the edge of B = 4 SGD on the digits (as for the teacher)",
+                    values=per_seed,
+                    labels=labels,
+                    rule=v.rule,
+                    verdict=v.verdict,
+                    details=details,
+                    tried="||Q|| (6), the exact mean-square edge of the linearised model "
+                    "without the closure, as the predictor instead: it errs the other way "
+                    "(runs started at ||Q|| up to 1.9 converged while others started at 1.1 "
+                    "diverged; see docs/dynamics.md). Neither is a sharp predictor where a few "
+                    "samples dominate the NTK's diagonal.",
+                )
+            )
+    return out
+
+
+def scan(problems: list[str], quick: bool, seeds) -> list[dict]:
+    """B = 4 started at K from 0.3 to 1.2: is K = 1 where small-batch SGD stops converging,
     and does a run started above it come down to K ~ 1?"""
-    starts = (0.6, 0.9, 1.2) if quick else SCAN_STARTS
-    seeds = range(1) if quick else range(3)
-    steps = 500 if quick else 1000
+    starts = QUICK_SCAN_STARTS if quick else SCAN_STARTS
+    steps = 300 if quick else 1000
     checkpoints = [0, 100, steps]
     print()
     print(
@@ -238,10 +418,11 @@ def scan(problems: list[str], quick: bool) -> None:
     )
     head = ["problem", "K at 0", "eta", "step", "K (4)", "||Q|| (6)", "eta lmax(H)/2", "loss"]
     head.append("diverged at")
-    rows = []
+    rows, every = [], []
     for problem in problems:
         for k_start in starts:
             chosen = [run(problem, 4, seed, steps, checkpoints, k_start) for seed in seeds]
+            every += chosen
             for step in checkpoints:
                 alive = [r["snapshots"][step] for r in chosen if step in r["snapshots"]]
                 if not alive:
@@ -262,6 +443,7 @@ def scan(problems: list[str], quick: bool) -> None:
                     ]
                 )
     print_table(head, rows)
+    return every
 
 
 if __name__ == "__main__":
