@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _reproduce import add_arguments, resolve
 from threadpoolctl import threadpool_limits
 
 from curvscope.analysis import GradientOverlap, full_gradient, gradient_overlap
@@ -20,15 +21,20 @@ from curvscope.linalg import Eigenpairs, top_eigenpairs
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, name: str | None = None) -> argparse.Namespace:
     """``--threads`` for torch and numpy's BLAS (default 1: the figures in docs/ were made
-    so, on a shared 2-core machine) and ``--out`` (default docs/figures)."""
+    so, on a shared 2-core machine) and ``--out`` (default docs/figures); with ``name`` also
+    the reproduction options ``--seeds``, ``--quick``, ``--summary`` (_reproduce.py)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument(
         "--out", type=Path, default=FIGURES, help="folder of the figures (default: docs/figures)"
     )
+    if name is not None:
+        add_arguments(parser)
     args = parser.parse_args()
+    if name is not None:
+        resolve(args, name)
     torch.set_num_threads(args.threads)
     # numpy's BLAS too: the same thread count gives the same numbers, run after run.
     threadpool_limits(limits=args.threads)
