@@ -1,5 +1,6 @@
 # curvscope: `make demo` runs the main job on the built-in digits problem, `make test` the
-# tests; both set up .venv first. torch is always installed through constraints.txt, which
+# tests, `make reproduce` every reproduction of the papers' claims (docs/reproductions.md);
+# all set up .venv first. torch is always installed through constraints.txt, which
 # pins the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: venv demo test lint clean-venv
+.PHONY: venv demo test lint clean-venv reproduce
 
 venv: $(STAMP)
 
@@ -37,8 +38,17 @@ test: venv
 	$(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
+
+# Every experiments/*.py (5 seeds each, one thread each, two at a time) and
+# docs/reproductions.md from their summaries: under an hour on 2 cores. QUICK=1: tiny settings,
+# one seed, everything under results/reproduce_quick/ (docs/ untouched), a few minutes; it
+# checks that every reproduction runs end to end, not its verdicts (tests/test_reproduce.py).
+QUICK ?=
+REPRODUCE_ARGS ?=
+reproduce: venv
+	$(BIN)/python experiments/reproduce.py $(if $(QUICK),--quick) $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
