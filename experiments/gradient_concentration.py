@@ -274,10 +274,10 @@ def claims(per_seed: list[dict], runs, steps: int, every: int, n: int, figure) -
             tried="Four learning rates (0.1 stays far from the stability edge and its "
             "gradient share stays low), the minibatch gradient besides the full-data one, "
             "full-batch GD (its share collapses to ~0: GD damps the stiff components instead "
-            "of feeding them), and the BatchNorm experiment's CNN with momentum, whose "
-            "no-BatchNorm net reaches 0.96-0.99 (see its section). Single checkpoints of SGD "
-            "reach 0.9; the mean over checkpoints does not: the share fluctuates strongly "
-            "from checkpoint to checkpoint on this easy problem.",
+            "of feeding them), and SGD with momentum on the CNNs of the BatchNorm experiment "
+            "(its no-BatchNorm networks concentrate more: see there). The share fluctuates "
+            "strongly from checkpoint to checkpoint on this easy problem (min and max in the "
+            "table).",
         ),
         Claim(
             key="top-C eigenspace settles",

@@ -282,6 +282,18 @@ def claims(results, scans, problems, seeds, steps, quick) -> list[Claim]:
         for r in results
         if r["problem"] == "digits" and r["B"] == 4
     ]
+
+    def median_at(step: int, key: str) -> str:
+        values = [r["snapshots"][step][key] for r in teacher if step in r["snapshots"]]
+        return f"{np.median(values):.3g}" if values else "n/a"
+
+    k100, k_last = median_at(100, "K"), median_at(last, "K")
+    loss100, loss_last = median_at(100, "loss"), median_at(last, "loss")
+    ends = {}
+    for r in scans:
+        if r["problem"] == "teacher" and r["diverged"] is None:
+            ends.setdefault(r["k_start"], []).append(r["snapshots"][max(r["snapshots"])]["K"])
+    scan_ends = ", ".join(f"{k:g} → {np.median(v):.2f}" for k, v in sorted(ends.items()))
     rows = []
     for r in results:
         snaps = r["snapshots"]
@@ -329,12 +341,12 @@ def claims(results, scans, problems, seeds, steps, quick) -> list[Claim]:
             rule=v_k.rule,
             verdict=v_k.verdict,
             details="Every run at its last step:\n\n" + main_table,
-            tried="Longer runs (4,000 steps: K creeps from 0.47 at step 100 to about 0.5 while "
-            "the loss falls by five orders of magnitude: the model interpolates, the gradient "
-            "noise vanishes and nothing pushes K further); starting higher (the scan of the "
-            "next claims: runs started at K = 0.8-1.0 rise at first and come back to 0.7-1.0 "
-            "while they converge, but runs started below do not climb to 1); the digits "
-            f"problem (K at the end {', '.join(f'{k:.2f}' for k in digits_end)}).",
+            tried=f"Long runs ({steps:,} steps: K goes from {k100} at step 100 to {k_last} "
+            f"at step {last} (medians), while the loss falls from {loss100} to {loss_last}: the "
+            "model interpolates, the gradient noise vanishes with the residuals and nothing "
+            "pushes K further); starting higher (the scan of the next claims; median K at the "
+            f"end of the runs that converged, by start: {scan_ends}); the digits problem (K at "
+            f"the end {', '.join(f'{k:.2f}' for k in digits_end)}).",
         )
     ]
     for problem in problems:
