@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -167,7 +168,9 @@ def render(entries: list[dict], args: argparse.Namespace, wall: float | None) ->
         f"(`make reproduce{' QUICK=1' if quick else ''}`) from the experiments' JSON summaries; "
         "do not edit by hand. Each verdict comes from a rule with stated thresholds, applied "
         "in the experiment's code to the headline number of every run (seeds vary the "
-        "initialisation and, where there is one, the batch order).",
+        "initialisation and, where there is one, the batch order). An experiment joins this "
+        "page by following the protocol of `experiments/_reproduce.py` (`--seeds`, `--quick`, "
+        "`--summary`; one JSON summary per script).",
         "",
         f"Rendered {now}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
         f"python {platform.python_version()}, torch {torch_version}, one thread per "
@@ -312,6 +315,23 @@ def main() -> int:
     # --only re-runs some; the document always covers every experiment (the others from
     # their summaries on disk), in a fixed order whatever order they ran in.
     args.partial = selected if args.only else None
+    record = args.results / "run.json"
+    if wall is not None:
+        record.write_text(
+            json.dumps(
+                {
+                    "wall_s": round(wall, 1),
+                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "jobs": args.jobs,
+                    "partial": args.partial,
+                    "quick": args.quick,
+                }
+            )
+            + "\n"
+        )
+    elif record.exists():  # --render: the wall time of the last run that wrote the summaries
+        last = json.loads(record.read_text())
+        wall, args.partial = last.get("wall_s"), last.get("partial")
     entries = collect(sorted(names), args, runs)
     args.doc.write_text(render(entries, args, wall))
     failed = [e["name"] for e in entries if e["error"]]
