@@ -85,3 +85,13 @@ def series(folder):
         for name, values in run_.scalars.items()
         if not name.startswith("time_") and name != "unix_time"
     }
+
+
+def assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
+    """A user mistake: exit status 2 and one stderr line naming it, no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("curvscope: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in err + out

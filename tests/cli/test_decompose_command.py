@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from clitools import STRUCTURE as PROBLEM
-from clitools import TINY, first_moment
+from clitools import TINY, assert_one_line_error, first_moment
 from clitools import run_one_thread as run
 
 from curvscope import SpectralDensity
@@ -126,10 +126,4 @@ def test_decompose_mse_with_integer_targets_and_custom_loss(tmp_path, structure_
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, structure_module, args, message):
     full = [args[0], *PROBLEM, *args[1:]] if "--model" not in args else args
-    code, out, err = run(*full, "--out", str(tmp_path))
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("curvscope: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in err + out
+    assert_one_line_error(*run(*full, "--out", str(tmp_path)), message)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 from clitools import STRUCTURE as PROBLEM
+from clitools import assert_one_line_error
 from clitools import run_one_thread as run
 
 from curvscope import Eigenpairs
@@ -55,13 +56,7 @@ def test_overlap_matches_the_library_and_compares_subspaces(tmp_path, structure_
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, structure_module, args, message):
     full = [args[0], *PROBLEM, *args[1:]] if "--model" not in args else args
-    code, out, err = run(*full, "--out", str(tmp_path))
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("curvscope: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in err + out
+    assert_one_line_error(*run(*full, "--out", str(tmp_path)), message)
 
 
 def test_compare_needs_saved_vectors(tmp_path, structure_module):
