@@ -153,7 +153,9 @@ def render(entries: list[dict], args: argparse.Namespace, wall: float | None) ->
     if wall is None:
         total = "not re-run (rendered from the summaries)"
     elif args.partial:
-        total = f"{wall / 60:.1f} min for {', '.join(args.partial)} (the others not re-run)"
+        total = f"{wall / 60:.1f} min for {', '.join(args.partial)} (re-run alone)"
+        if getattr(args, "full_wall", None):
+            total = f"{args.full_wall / 60:.1f} min for all; then {total}"
     else:
         total = f"{wall / 60:.1f} min"
     try:
@@ -316,11 +318,16 @@ def main() -> int:
     # their summaries on disk), in a fixed order whatever order they ran in.
     args.partial = selected if args.only else None
     record = args.results / "run.json"
+    last = json.loads(record.read_text()) if record.exists() else {}
+    args.full_wall = last.get("full_wall_s")
     if wall is not None:
+        if not args.partial:
+            args.full_wall = round(wall, 1)
         record.write_text(
             json.dumps(
                 {
                     "wall_s": round(wall, 1),
+                    "full_wall_s": args.full_wall,  # the last run of every experiment
                     "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "jobs": args.jobs,
                     "partial": args.partial,
@@ -329,8 +336,7 @@ def main() -> int:
             )
             + "\n"
         )
-    elif record.exists():  # --render: the wall time of the last run that wrote the summaries
-        last = json.loads(record.read_text())
+    elif last:  # --render: the wall time of the last run that wrote the summaries
         wall, args.partial = last.get("wall_s"), last.get("partial")
     entries = collect(sorted(names), args, runs)
     args.doc.write_text(render(entries, args, wall))
