@@ -598,6 +598,24 @@ def outlier_gap(r: dict) -> float:
     return max(r["gap_c"], r["gap_c1"])
 
 
+def origin_note(runs: list[dict]) -> str:
+    """Which span G's top-C eigenspace lies in (median over the runs), as a sentence: the
+    count of outliers alone does not say whether they are Papyan's class means."""
+    means = float(np.median([r["overlap"]["class_means"] for r in runs]))
+    beta = float(np.median([r["overlap"]["global_means"] for r in runs]))
+    text = (
+        f"Where the top-C eigenspace lies (medians): {means:.3f} in the span of the class means "
+        f"μ_c, {beta:.3f} in that of the global per-logit means β."
+    )
+    if beta > 0.9 and means < 0.5:
+        text += (
+            " These outliers are B's (the global means, as at initialisation), not the class "
+            "means of Papyan's hierarchy: the count reproduces, the class structure does not "
+            "(next rows)."
+        )
+    return text + "\n\n"
+
+
 def claims(
     plain: list[dict], regs: list[dict], inits: list[dict], figures: dict[str, str]
 ) -> list[Claim]:
@@ -689,7 +707,8 @@ def claims(
                 rule=v.rule,
                 verdict=v.verdict,
                 figure=figures["regularised"],
-                details="Per seed and N:\n\n"
+                details=origin_note(chosen)
+                + "Per seed and N:\n\n"
                 + gap_table([r for r in regs if r["setting"] == setting]),
             )
         )
