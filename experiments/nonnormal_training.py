@@ -148,7 +148,10 @@ def is_checkpoint(step: int, quick: bool = False) -> bool:
 
 def adam_config(optimizer: torch.optim.Adam, params: list[torch.Tensor], lr: float) -> Any:
     """Adam's linearisation with the v_hat the coming step will use (gradients already in
-    ``p.grad``): v <- beta2 v + (1 - beta2) g^2, v_hat = v / (1 - beta2^(t + 1))."""
+    ``p.grad``): v <- beta2 v + (1 - beta2) g^2, v_hat = v / (1 - beta2^(t + 1)), in float64.
+    The library's ``optimizer_config(optimizer, params, upcoming=True)`` reads the same (in the
+    state's float32, as torch steps it); this script keeps its float64 arithmetic so that its
+    recorded numbers stay those of docs/reproductions.md."""
     beta2 = ADAM_BETAS[1]
     parts, steps = [], set()
     for p in params:
@@ -225,9 +228,9 @@ def measure(
 def max_power_norm(T: np.ndarray, num_steps: int, cap: float = 1e12) -> tuple[float, int]:
     """max_{k <= num_steps} ||T^k||_2 and its k, stopping once a norm exceeds ``cap``.
 
-    curvscope.linalg.nonnormal.power_norms multiplies on to k = num_steps, which overflows
-    (and its SVD fails) when rho(T)^num_steps passes 1e308, as for Adam far beyond its edge;
-    every threshold here is far below the cap.
+    Stopping early saves the powers beyond the cap (curvscope.linalg.nonnormal.power_norms
+    rescales and runs on to k = num_steps; before that fix it overflowed when rho(T)^k passed
+    1e308, as for Adam far beyond its edge); every threshold here is far below the cap.
     """
     best, at = 1.0, 0
     power = np.eye(T.shape[0])
@@ -283,7 +286,7 @@ def train(
         loss.backward()
         # Adam from step 1 on: at step 0 v_hat rests on one gradient and the first update is
         # sign descent (m's bias correction is 1 / (1 - beta1) = 10, taken as 1 by the
-        # linearisation), and optimizer_config refuses Adam before its first step.
+        # linearisation).
         first = 0 if method == "heavy_ball" else 1
         if event is None and step >= first and is_checkpoint(step, quick):
             config = fixed if method == "heavy_ball" else adam_config(optimizer, params, lr)

@@ -43,6 +43,19 @@ CONFIGS = {
 }
 
 
+class CountingOperator:
+    """A dense symmetric matrix as an operator that counts the columns it is applied to."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix = torch.as_tensor(matrix, dtype=torch.float64)
+        self.shape, self.dtype, self.device = self.matrix.shape, torch.float64, torch.device("cpu")
+        self.columns = 0
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.columns += V.shape[1]
+        return self.matrix @ V
+
+
 def spd(n: int, seed: int, low: float = 0.1, high: float = 3.0) -> np.ndarray:
     """Random SPD matrix with distinct eigenvalues spread over [low, high]."""
     rng = np.random.default_rng(seed)
@@ -382,6 +395,30 @@ def test_nonnormal_report_restricts_exactly_to_the_top_eigenspace():
         assert report.bounds.rho == pytest.approx(max(spectral_radius(b) for b in blocks), rel=1e-8)
 
 
+def test_nonnormal_report_with_lanczos_matches_arpack_with_fewer_products():
+    H = spd(200, seed=3)
+    config = OptimizerConfig("heavy_ball", lr=1.0, momentum=0.9)
+    H = H * (0.9 * stability_threshold(config) / np.linalg.eigvalsh(H)[-1])
+    counts = {}
+    reports = {}
+    for solver in ("arpack", "lanczos"):
+        counting = CountingOperator(H)
+        reports[solver] = nonnormal_report(
+            update_operator(counting, config),
+            k_top=3,
+            num_steps=20,
+            eps=[1e-2],
+            tol=1e-6,
+            eigensolver=solver,
+        )
+        counts[solver] = counting.columns
+    a, b = reports["arpack"], reports["lanczos"]
+    np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-9)
+    assert b.bounds.rho == pytest.approx(a.bounds.rho, rel=1e-9)
+    assert b.invariance_residual < 1e-4
+    assert counts["lanczos"] < counts["arpack"]
+
+
 def test_nonnormal_report_on_a_dense_matrix():
     T = np.array([[0.9, 5.0], [0.0, 0.8]])
     report = nonnormal_report(T, num_steps=100)
@@ -438,6 +475,36 @@ def test_optimizer_config_reads_adam_state(cls, amsgrad):
     np.testing.assert_allclose(
         config.preconditioner(), 1 / (np.sqrt(expected / (1 - 0.95**3)) + 1e-6), rtol=1e-12
     )
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_optimizer_config_reads_the_coming_adam_step(cls, amsgrad, steps_before):
+    """upcoming=True, read with the gradients in p.grad, gives the v_hat and step that the
+    default reading finds after optimizer.step(): also before the first step."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    opt = cls([w, b], lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, amsgrad=amsgrad)
+    quadratic_steps(opt, [w, b], steps_before)
+    opt.zero_grad()
+    sum(((3.0 * p) ** 3 + p).sum() for p in (w, b)).backward()
+    coming = optimizer_config(opt, [b, w], upcoming=True)
+    opt.step()
+    after = optimizer_config(opt, [b, w])
+    assert coming.step == after.step == steps_before + 1
+    np.testing.assert_allclose(coming.v_hat, after.v_hat, rtol=1e-15, atol=0)
+    assert coming.decoupled_weight_decay == (cls is torch.optim.AdamW)
+
+
+def test_optimizer_config_upcoming_needs_gradients():
+    w, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = torch.optim.Adam([w, b], lr=0.1)
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"positions \[1\] have no gradient"):
+        optimizer_config(opt, upcoming=True)
+    sgd = optimizer_config(torch.optim.SGD([w], lr=0.1), upcoming=True)
+    assert sgd.method == "gd" and sgd.v_hat is None
 
 
 def test_optimizer_config_errors():

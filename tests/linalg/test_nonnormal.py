@@ -67,6 +67,34 @@ def test_jordan_block_closed_forms():
     assert eigenvector_condition(J) > 1e6
 
 
+def test_power_norms_do_not_overflow_far_beyond_the_float_range():
+    """J^k of a Jordan block with |a| = 3 passes 1e308 near k = 640: the norms follow the
+    closed form in the log domain to the end, the linear values become inf, never NaN, and
+    transient_bounds still reports (the old repeated product failed in the SVD at k ~ 650)."""
+    a, c, K = 3.0, 2.0, 2000
+    J = np.array([[a, c], [0.0, a]])
+    k = np.arange(K + 1)
+    # ||[[p, q], [0, p]]|| = (|q| + sqrt(q^2 + 4p^2)) / 2 with p = a^k, q = k a^(k-1) c:
+    # in logs, k ln a + ln((r + sqrt(r^2 + 4)) / 2) with r = k c / a.
+    r = k * c / a
+    expected = k * np.log(a) + np.log((r + np.sqrt(r**2 + 4)) / 2)
+    logs = power_norms(J, K, log=True)
+    np.testing.assert_allclose(logs, expected, rtol=1e-12)
+    norms = power_norms(J, K)
+    assert not np.isnan(norms).any()
+    finite = expected < np.log(np.finfo(float).max)
+    np.testing.assert_allclose(norms[finite], np.exp(expected[finite]), rtol=1e-10)
+    assert np.isinf(norms[~finite]).all() and (~finite).sum() > 1000
+    bounds = transient_bounds(J, num_steps=K, eps=[1e-2])
+    assert bounds.measured_max == np.inf and bounds.rho == pytest.approx(3.0)
+
+
+def test_power_norms_of_a_nilpotent_matrix_are_zero_after_it_vanishes():
+    N = np.array([[0.0, 5.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(power_norms(N, 4), [1.0, 5.0, 0.0, 0.0, 0.0])
+    assert power_norms(N, 3, log=True)[2] == -np.inf
+
+
 @pytest.mark.parametrize("gap", [1e-1, 1e-3, 1e-5])
 def test_near_jordan_kappa_closed_form(gap):
     """[[a, c], [0, a + gap]] has unit eigenvectors (1, 0) and (c, gap)/s at an angle with

@@ -105,7 +105,9 @@ class _PreconditionedHessian:
         return self.root * out
 
 
-def _top(op: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _top(
+    op: Any, k: int, tol: float, seed: int, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
     """k largest eigenpairs (values (k,), vectors (n, k)) of a symmetric operator."""
     n = op.shape[0]
     if k >= n - 1:
@@ -114,7 +116,7 @@ def _top(op: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray
         values, vectors = np.linalg.eigh((dense + dense.T) / 2)
         order = np.argsort(-values)[:k]
         return values[order], vectors[:, order]
-    pairs = top_eigenpairs(op, k=k, which="largest", tol=tol, seed=seed)
+    pairs = top_eigenpairs(op, k=k, which="largest", tol=tol, seed=seed, method=method)
     return np.asarray(pairs.values), np.asarray(pairs.vectors)
 
 
@@ -323,6 +325,7 @@ def nonnormal_report(
     basis: Any = None,
     tol: float = 1e-10,
     seed: int = 0,
+    eigensolver: str = "auto",
     **kwargs: Any,
 ) -> NonnormalReport:
     """rho, kappa(V), Kreiss bound and measured max ||T^k|| of T on its top eigenspace.
@@ -341,6 +344,10 @@ def nonnormal_report(
             as diag(basis, basis) for order-2 operators), instead of the top eigenvectors.
         tol: Eigensolver tolerance.
         seed: Eigensolver start-vector seed.
+        eigensolver: ``method`` of :func:`~curvscope.linalg.top_eigenpairs` for the top
+            eigenvectors: "auto" (its default), "arpack" or "lanczos" (one Krylov run without
+            restarts: about half ARPACK's products for a few eigenpairs at a loose ``tol``,
+            the choice when the report is taken at many training steps).
         kwargs: Passed to :func:`~curvscope.linalg.nonnormal.pseudospectral_radius`.
     """
     values = np.zeros(0)
@@ -354,7 +361,7 @@ def nonnormal_report(
                 m = update.preconditioner.to(torch.float64).cpu().numpy()
                 sym = _PreconditionedHessian(update.hessian, m, update.wd)
                 root = np.sqrt(m)
-            values, U = _top(sym, k_top, tol, seed)
+            values, U = _top(sym, k_top, tol, seed, eigensolver)
             basis = root[:, None] * U
         T: Any = update
     else:

@@ -76,22 +76,39 @@ def eigenvector_condition(T: Any, rcond: float = 1e-13) -> float:
     return float(s[0] / s[-1])
 
 
-def power_norms(T: Any, num_steps: int) -> np.ndarray:
+def power_norms(T: Any, num_steps: int, log: bool = False) -> np.ndarray:
     """||T^k||_2 for k = 0, ..., num_steps, shape (num_steps + 1,).
 
     T^k is built by repeated multiplication and each norm is the largest singular value, so
-    the cost is num_steps dense products and SVDs of an (n, n) matrix.
+    the cost is num_steps dense products and SVDs of an (n, n) matrix. The power is rescaled
+    to norm 1 after every product and the scales are summed in the log domain, so nothing
+    overflows however far rho(T)^k leaves the float range: norms beyond it are ``inf``
+    (``log=True`` gives log ||T^k|| instead, finite while T^k != 0), never NaN.
+
+    Args:
+        T: Square matrix (n, n).
+        num_steps: K, the last power.
+        log: Return natural logarithms (-inf where T^k = 0).
     """
     T = _square(T)
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    out = np.empty(num_steps + 1)
+    logs = np.full(num_steps + 1, -np.inf)
+    norms = np.zeros(num_steps + 1)
+    logs[0], norms[0] = 0.0, 1.0
     P = np.eye(T.shape[0], dtype=T.dtype)
-    out[0] = 1.0
+    log_scale, scale = 0.0, np.float64(1.0)
     for k in range(1, num_steps + 1):
         P = T @ P
-        out[k] = np.linalg.norm(P, 2)
-    return out
+        norm = float(np.linalg.norm(P, 2))
+        if norm == 0.0:  # nilpotent: every later power is zero too
+            break
+        log_scale += np.log(norm)
+        with np.errstate(over="ignore"):
+            scale = scale * norm  # the norm of the unscaled power, inf once out of range
+        logs[k], norms[k] = log_scale, scale
+        P = P / norm
+    return logs if log else norms
 
 
 def sigma_min(z: complex, T: Any) -> float:

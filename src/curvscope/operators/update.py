@@ -161,7 +161,9 @@ _SHARED_KEYS = {
 
 
 def optimizer_config(
-    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor] | None = None,
+    upcoming: bool = False,
 ) -> OptimizerConfig:
     """Read the linearisation's hyper-parameters (and Adam's v_hat) from a torch optimizer.
 
@@ -173,6 +175,13 @@ def optimizer_config(
         params: The analysed parameters in flat-vector order (for example the list the
             curvature operator was built on). Default: every parameter of the optimizer, in
             param_groups order.
+        upcoming: For Adam: read the second moment that the *coming* ``optimizer.step()``
+            will divide by, from its state and the gradients now in ``p.grad``
+            (v <- beta2 v + (1 - beta2) g^2, with g + lambda_wd theta for Adam's coupled weight
+            decay; amsgrad keeps the running maximum; v_hat = v / (1 - beta2^(t + 1)), and
+            ``step`` = t + 1). This works before the first step too (t = 0, v = 0), where the
+            default reading (the state of the last step) has no v_hat. Every analysed
+            parameter needs a gradient then. Ignored for SGD.
 
     Returns:
         :class:`OptimizerConfig`; for Adam ``v_hat`` is flat in the order of ``params``.
@@ -182,7 +191,8 @@ def optimizer_config(
         ValueError: if a parameter is not in the optimizer, if the analysed parameters sit in
             param groups with different hyper-parameters (analyse them one group at a time:
             the thresholds need one learning rate), for ``maximize=True``, or if some Adam
-            parameters have second-moment state and others not.
+            parameters have second-moment state and others not, or (``upcoming``) if an
+            analysed parameter has no gradient.
     """
     kind = type(optimizer).__name__
     if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
@@ -235,7 +245,13 @@ def optimizer_config(
         )
     beta1, beta2 = (_as_float(b) for b in first["betas"])
     decoupled = kind == "AdamW" or bool(first.get("decoupled_weight_decay", False))
-    v_hat, step = _adam_v_hat(optimizer, params, beta2, bool(first["amsgrad"]))
+    if upcoming:
+        coupled = 0.0 if decoupled else weight_decay
+        v_hat, step = _adam_upcoming_v_hat(
+            optimizer, params, beta2, bool(first["amsgrad"]), coupled
+        )
+    else:
+        v_hat, step = _adam_v_hat(optimizer, params, beta2, bool(first["amsgrad"]))
     return OptimizerConfig(
         method="adam",
         lr=lr,
@@ -285,6 +301,49 @@ def _adam_v_hat(
             "leave out parameters that skip steps"
         )
     return np.concatenate(parts), steps.pop()
+
+
+def _adam_upcoming_v_hat(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    beta2: float,
+    amsgrad: bool,
+    weight_decay: float,
+) -> tuple[np.ndarray, int]:
+    """Flat v_hat of the coming Adam step from its state and the gradients in ``p.grad``.
+
+    Repeats torch's own arithmetic (``torch.optim.adam._single_tensor_adam``) in the state's
+    dtype, then divides in float64 as :func:`_adam_v_hat` does, so that the result equals
+    what :func:`optimizer_config` reads after the step.
+    """
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    if missing:
+        raise ValueError(
+            f"parameters at positions {missing} have no gradient: call loss.backward() before "
+            "reading the coming step's config (upcoming=True), or leave them out of params"
+        )
+    parts, steps = [], set()
+    for p in params:
+        state = optimizer.state.get(p, {})
+        step = int(_as_float(state["step"])) if "step" in state else 0
+        steps.add(step)
+        grad = p.grad.detach()
+        if weight_decay != 0:
+            grad = grad.add(p.detach(), alpha=weight_decay)
+        v = state.get("exp_avg_sq")
+        v = torch.zeros_like(p, memory_format=torch.preserve_format) if v is None else v.clone()
+        v.mul_(beta2).addcmul_(grad, grad.conj(), value=1 - beta2)
+        if amsgrad:
+            previous = state.get("max_exp_avg_sq")
+            v = v if previous is None else torch.maximum(previous, v)
+        second = v.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        parts.append(second / (1.0 - beta2 ** (step + 1)))
+    if len(steps) != 1:
+        raise ValueError(
+            f"the analysed parameters were stepped different numbers of times {sorted(steps)}: "
+            "leave out parameters that skip steps"
+        )
+    return np.concatenate(parts), steps.pop() + 1
 
 
 class UpdateOperator:
