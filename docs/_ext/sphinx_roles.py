@@ -78,7 +78,9 @@ class SphinxRoles(Extension):
         target = self._resolve(name, obj, paths)
         if target is None:
             where = f"{obj.relative_filepath}:{obj.lineno}"
-            _log.warning(f"{where}: {match.group(0)} in the docstring of {obj.path} names no object")
+            _log.warning(
+                f"{where}: {match.group(0)} in the docstring of {obj.path} names no object"
+            )
             return f"<code>{html.escape(shown)}</code>"
         return (
             f'<autoref identifier="{html.escape(target)}" optional>'
