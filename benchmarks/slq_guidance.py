@@ -174,9 +174,8 @@ def main() -> None:
 
     print()
     print(f"trace: |estimate - tr(H)| / tr(H), median over seeds 0..{args.seeds - 1} (worst)")
-    print(
-        f"{'products':>8}  {'trace() hutch++':>17}  {'trace() hutchinson':>18}  {'SLQ, P = products':>17}"
-    )
+    heads = ("trace() hutch++", "trace() hutchinson", "SLQ, P = products")
+    print(f"{'products':>8}  {heads[0]:>17}  {heads[1]:>18}  {heads[2]:>17}")
     for k in args.trace_products:
         errs: dict[str, list[float]] = {"hutch++": [], "hutchinson": [], "slq": []}
         for s in range(args.seeds):

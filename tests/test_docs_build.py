@@ -6,6 +6,7 @@ Each build is a subprocess of a few seconds; the site goes to a temporary folder
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,17 @@ def test_site_builds_strict_with_api_reference(tmp_path: Path) -> None:
     usage = (site / "usage" / "index.html").read_text()
     assert "../README.md" not in usage and "<code>README.md</code>" in usage
     assert (site / "reading-a-spectrum" / "index.html").exists()
+    # Every public name of the packages has an entry (a function named like its module, as
+    # linalg's trace and lanczos, is easily lost; an attribute documented by a #: comment too).
+    for package in ("linalg", "operators", "analysis", "tracking"):
+        module = importlib.import_module(f"curvscope.{package}")
+        page = (site / "api" / package / "index.html").read_text()
+        for name in module.__all__:
+            obj = getattr(module, name)
+            ids = {f"curvscope.{package}.{name}"}
+            if hasattr(obj, "__qualname__"):
+                ids.add(f"{obj.__module__}.{obj.__qualname__}")
+            assert any(f'id="{i}"' in page for i in ids), f"no entry for {ids} on {package}"
 
 
 def test_each_kind_of_broken_reference_fails_the_strict_build(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
-"""Griffe extension: Sphinx roles in curvscope's docstrings become API cross-references.
+"""Griffe extension: Sphinx conventions of curvscope's docstrings, for mkdocstrings.
 
-curvscope's docstrings name other objects the Sphinx way (:func:`spectral_density`,
+Two conventions are translated: ``#:`` comments above a module or class attribute become its
+docstring (as Sphinx's autodoc reads them), and roles become cross-references.
+
+Roles: curvscope's docstrings name other objects the Sphinx way (:func:`spectral_density`,
 :class:`~curvscope.linalg.SpectralDensity`, :mod:`.smoothing`, :data:`MEASUREMENTS`), which
 Markdown would print literally. Each role is resolved the way Sphinx resolves it (the full
 path; else the name inside the enclosing class, module and packages, innermost first; else
@@ -17,7 +20,7 @@ import logging
 import re
 from typing import Any
 
-from griffe import Alias, Extension, Module, Object
+from griffe import Alias, Docstring, Extension, Module, Object
 
 # mkdocs counts warnings of the "mkdocs" logger tree; --strict fails on any.
 _log = logging.getLogger("mkdocs.curvscope.sphinx_roles")
@@ -40,6 +43,21 @@ def _walk(obj: Object, paths: dict[str, str]) -> None:
             _walk(member, paths)
 
 
+def _comment_docstring(attr: Object) -> None:
+    """Give ``attr`` the docstring written as ``#:`` comment lines right above it."""
+    try:
+        lines = attr.lines_collection[attr.filepath]
+    except Exception:  # no source (a compiled module)
+        return
+    index = (attr.lineno or 0) - 2  # the line above the assignment, 0-based
+    comment: list[str] = []
+    while 0 <= index < len(lines) and lines[index].strip().startswith("#:"):
+        comment.insert(0, lines[index].strip()[2:].strip())
+        index -= 1
+    if comment:
+        attr.docstring = Docstring("\n".join(comment), lineno=index + 2, parent=attr)
+
+
 class SphinxRoles(Extension):
     """Rewrite Sphinx roles into optional autorefs cross-references, once per package."""
 
@@ -51,10 +69,19 @@ class SphinxRoles(Extension):
             if paths[path] != path:
                 continue
             obj = pkg if path == pkg.path else pkg.get_member(path[len(pkg.path) + 1 :])
+            if obj.docstring is None and obj.is_attribute:
+                _comment_docstring(obj)
             if obj.docstring is not None:
                 obj.docstring.value = _ROLE.sub(
                     lambda m, obj=obj: self._replace(m, obj, paths), obj.docstring.value
                 )
+
+    @staticmethod
+    def _is_module(path: str, obj: Object) -> bool:
+        try:
+            return obj.modules_collection.get_member(path).is_module
+        except Exception:
+            return False
 
     @staticmethod
     def _resolve(name: str, obj: Object, paths: dict[str, str]) -> str | None:
@@ -76,6 +103,12 @@ class SphinxRoles(Extension):
         if role in ("func", "meth") and not shown.endswith(")"):
             shown += "()"
         target = self._resolve(name, obj, paths)
+        # A function re-exported under its module's name (curvscope.linalg.trace is the module
+        # trace.py and, in linalg's namespace, its function trace): the role names the function.
+        if target is not None and role != "mod":
+            inner = f"{target}.{target.rsplit('.', 1)[-1]}"
+            if paths.get(target) == target and self._is_module(target, obj) and inner in paths:
+                target = paths[inner]
         if target is None:
             where = f"{obj.relative_filepath}:{obj.lineno}"
             _log.warning(
