@@ -49,6 +49,8 @@ def test_site_builds_strict_with_api_reference(tmp_path: Path) -> None:
     # The re-exported public names are documented with their docstrings.
     assert 'id="curvscope.linalg.spectral_density"' in linalg
     assert "Lanczos steps per probe" in linalg
+    # Doctest examples are code blocks, not Markdown quotes of ">>>" lines.
+    assert 'class="language-pycon"' in linalg and "<blockquote>" not in linalg
     # A Sphinx role (:class:`~curvscope.linalg.SpectralDensity` in spectrum_structure's
     # module) became a link to the object's entry on another page.
     analysis = (site / "api" / "analysis" / "index.html").read_text()

@@ -1,7 +1,9 @@
 """Griffe extension: Sphinx conventions of curvscope's docstrings, for mkdocstrings.
 
-Two conventions are translated: ``#:`` comments above a module or class attribute become its
-docstring (as Sphinx's autodoc reads them), and roles become cross-references.
+Three conventions are translated: ``#:`` comments above a module or class attribute become its
+docstring (as Sphinx's autodoc reads them), doctest examples (``>>>`` lines and their output)
+become Python console code blocks instead of Markdown quotes, and roles become
+cross-references.
 
 Roles: curvscope's docstrings name other objects the Sphinx way (:func:`spectral_density`,
 :class:`~curvscope.linalg.SpectralDensity`, :mod:`.smoothing`, :data:`MEASUREMENTS`), which
@@ -43,6 +45,24 @@ def _walk(obj: Object, paths: dict[str, str]) -> None:
             _walk(member, paths)
 
 
+def _fence_doctests(text: str) -> str:
+    """Wrap each doctest block (a ``>>>`` line to the next blank line) in a pycon fence."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        stripped = lines[i].lstrip()
+        if not stripped.startswith(">>>"):
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = lines[i][: len(lines[i]) - len(stripped)]
+        out.append(indent + "```pycon")
+        while i < len(lines) and lines[i].strip():
+            out.append(lines[i])
+            i += 1
+        out.append(indent + "```")
+    return "\n".join(out)
+
+
 def _comment_docstring(attr: Object) -> None:
     """Give ``attr`` the docstring written as ``#:`` comment lines right above it."""
     try:
@@ -72,6 +92,7 @@ class SphinxRoles(Extension):
             if obj.docstring is None and obj.is_attribute:
                 _comment_docstring(obj)
             if obj.docstring is not None:
+                obj.docstring.value = _fence_doctests(obj.docstring.value)
                 obj.docstring.value = _ROLE.sub(
                     lambda m, obj=obj: self._replace(m, obj, paths), obj.docstring.value
                 )
