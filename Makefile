@@ -1,7 +1,8 @@
 # curvscope: `make demo` runs the main job on the built-in digits problem, `make test` the
-# tests, `make reproduce` every reproduction of the papers' claims (docs/reproductions.md);
-# all set up .venv first. torch is always installed through constraints.txt, which
-# pins the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+# tests, `make reproduce` every reproduction of the papers' claims (docs/reproductions.md),
+# `make docs` the documentation site with its API reference; all set up .venv first. torch is
+# always installed through constraints.txt, which pins the CPU build (an unpinned torch pulls a
+# multi-GB CUDA build).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 
-.PHONY: venv demo test lint clean-venv reproduce
+.PHONY: venv demo test lint clean-venv reproduce docs
 
 venv: $(STAMP)
 
@@ -49,6 +50,12 @@ QUICK ?=
 REPRODUCE_ARGS ?=
 reproduce: venv
 	$(BIN)/python experiments/reproduce.py $(if $(QUICK),--quick) $(REPRODUCE_ARGS)
+
+# The documentation site (docs/*.md and the API reference generated from the docstrings,
+# mkdocs.yml) into site/; open site/index.html. --strict: a broken link between pages, a broken
+# anchor or a cross-reference to an API object that does not exist fails the build.
+docs: venv
+	$(BIN)/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)
