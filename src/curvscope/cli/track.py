@@ -163,6 +163,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=options.positive_int,
         help=f"Rademacher probes per batch of a hutchinson ntk (default: {DEFAULTS.ntk_probes})",
     )
+    group = parser.add_argument_group("logging (docs/logging.md)")
+    group.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write each snapshot to TensorBoard event files in DIR (scalars under "
+        "curvscope/, densities as histograms and figures); pip install 'curvscope[tensorboard]'",
+    )
+    group.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        help="also log each snapshot to a W&B run of PROJECT, offline (in WANDB_DIR or ./wandb) "
+        "unless WANDB_MODE says otherwise; pip install 'curvscope[wandb]'",
+    )
     parser.set_defaults(run=run)
 
 
@@ -268,7 +281,7 @@ def _checked(s: TrackSettings) -> tuple[TrackSettings, list[str], Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Train to --steps, printing one line per snapshot and the run folder at the end."""
-    from ..tracking import Tracker
+    from ..tracking import TensorBoardLogger, Tracker, WandbLogger
     from ..tracking.tracker import format_line
     from ..tracking.training import THRESHOLD_NAMES, TrainingLoop, TrainingSet, build_optimizer
 
@@ -302,6 +315,12 @@ def run(args: argparse.Namespace) -> int:
         operator_options["unpack_batch"] = problem.unpack
     if problem.device is not None:
         operator_options["device"] = problem.device
+    sinks: list[Any] = (
+        [TensorBoardLogger(args.tensorboard, images=True)] if args.tensorboard else []
+    )
+    if args.wandb:  # offline unless WANDB_MODE says otherwise
+        wandb_config = {"train": train, "schedule": schedule.spec, "measurements": names}
+        sinks.append(WandbLogger(args.wandb, images=True, config=wandb_config))
     tracker = Tracker(
         out,
         problem.loss_fn,
@@ -324,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
             "train": train,
         },
         operator_options=operator_options,
+        loggers=sinks,
     )
     loop = TrainingLoop(model, problem.loss_fn, training, optimizer, tracker, s.seed, train)
     with tracker, loop:
@@ -352,5 +372,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  snapshots {snapshots} taken now, {len(tracker.completed_steps)} in the run")
     print(f"  time      {time.perf_counter() - started:.1f} s")
     print(f"  plot      curvscope plot {shlex.quote(str(out))}")
+    if args.tensorboard:
+        print(f"  view      tensorboard --logdir {shlex.quote(args.tensorboard)}")
     print(f"run folder: {out}")
     return 0

@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -167,11 +168,22 @@ def density_image(
 
     from ..plot import plot_density
 
-    figure = plot_density(density, top_eigenvalues=top_eigenvalues, title=title, num_points=2000)
+    marks = None if top_eigenvalues is None else tuple(np.atleast_1d(top_eigenvalues).tolist())
+    key = (marks, title, dpi)
+    cached = _LAST_IMAGE.get("entry")
+    if cached is not None and cached[0] is density and cached[1] == key:
+        return cached[2].copy()  # TensorBoard and W&B loggers draw one snapshot once
+    figure = plot_density(density, top_eigenvalues=marks, title=title, num_points=2000)
     figure.set_dpi(dpi)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    _LAST_IMAGE["entry"] = (density, key, pixels)
+    return pixels.copy()
+
+
+#: The last image drawn by :func:`density_image`: (density, settings, pixels).
+_LAST_IMAGE: dict[str, tuple[SpectralDensity, Any, np.ndarray]] = {}
 
 
 def _top_values(results: Mapping[str, Any]) -> np.ndarray | None:
@@ -238,6 +250,8 @@ class TensorBoardLogger:
             )
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
+        if log_dir is not None and Path(log_dir).exists() and not Path(log_dir).is_dir():
+            raise ValueError(f"TensorBoardLogger: {str(log_dir)!r} is a file; choose a folder")
         self._own = writer is None
         self.writer = _summary_writer_class()(log_dir=str(log_dir)) if self._own else writer
         self.prefix = prefix
