@@ -165,6 +165,7 @@ def density_image(
         RGB pixels, shape (height, width, 3), uint8.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ..plot import plot_density
 
@@ -173,8 +174,13 @@ def density_image(
     cached = _LAST_IMAGE.get("entry")
     if cached is not None and cached[0] is density and cached[1] == key:
         return cached[2].copy()  # TensorBoard and W&B loggers draw one snapshot once
-    figure = plot_density(density, top_eigenvalues=marks, title=title, num_points=2000)
-    figure.set_dpi(dpi)
+    # Fixed margins: a constrained layout costs several times the drawing itself.
+    figure = Figure(figsize=(11, 4), dpi=dpi)
+    figure.subplots_adjust(left=0.07, right=0.99, bottom=0.13, top=0.84, wspace=0.22)
+    axes = figure.subplots(1, 2)
+    plot_density(density, top_eigenvalues=marks, ax=axes, num_points=2000)
+    if title is not None:
+        figure.suptitle(title)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
