@@ -99,6 +99,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "curvscope.zoo:digits_sign_data --loss mse --batch-size 8 --measure top,stochastic_edge\n"
         "  curvscope track --optimizer momentum --lr 0.3 --momentum 0.9 --schedule log:1:2000:20\n"
         "  curvscope track --out runs/gd --steps 2000 --resume   # continue a run to step 2000\n"
+        "  curvscope track --measure top,density --tensorboard runs/tb --wandb my-project\n"
         + options.COMMON_EPILOG,
     )
     group = parser.add_argument_group("training")
