@@ -261,3 +261,34 @@ def test_no_module_imports_tensorboard_or_wandb_at_import_time():
     assert ("loggers.py", "torch.utils.tensorboard", True) in found
     assert ("loggers.py", "wandb", True) in found
     assert [entry for entry in found if not entry[2]] == []
+
+
+def test_trainer_callbacks_pass_loggers_on(tmp_path):
+    """LightningTracker(..., loggers=[...]) (its hooks driven as Lightning calls them)."""
+    from types import SimpleNamespace
+
+    from curvscope.tracking.callbacks import _LightningHooks
+
+    model, loss_fn, data = problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    recorder = Recorder()
+    hooks = _LightningHooks(
+        tmp_path / "run",
+        loss_fn,
+        data,
+        "every:1",
+        measurements=("top",),
+        progress=False,
+        loggers=[recorder],
+    )
+    trainer = SimpleNamespace(
+        is_global_zero=True, global_step=0, optimizers=[optimizer], logger=None
+    )
+    hooks.on_train_start(trainer, model)
+    trainer.global_step = 1
+    hooks.on_train_batch_end(trainer, model, {"loss": torch.tensor(0.5)}, None, 0)
+    hooks.on_train_end(trainer, model)
+    run = load_run(tmp_path / "run")
+    assert [call[0] for call in recorder.calls] == run.steps.tolist() == [0, 1]
+    assert [call[1]["lambda_max"] for call in recorder.calls] == run.scalars["lambda_max"].tolist()
+    assert recorder.calls[1][1]["loss"] == 0.5 and recorder.closed == 1
