@@ -82,5 +82,7 @@ def isolate_wandb(monkeypatch, folder: Path) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the loggers' own default: offline
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(folder))
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing in ~/
+        monkeypatch.setenv(name, str(folder / name.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
