@@ -99,6 +99,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "curvscope.zoo:digits_sign_data --loss mse --batch-size 8 --measure top,stochastic_edge\n"
         "  curvscope track --optimizer momentum --lr 0.3 --momentum 0.9 --schedule log:1:2000:20\n"
         "  curvscope track --out runs/gd --steps 2000 --resume   # continue a run to step 2000\n"
+        "  curvscope track --measure top,density --tensorboard runs/tb --wandb my-project\n"
         + options.COMMON_EPILOG,
     )
     group = parser.add_argument_group("training")
@@ -162,6 +163,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--ntk-probes",
         type=options.positive_int,
         help=f"Rademacher probes per batch of a hutchinson ntk (default: {DEFAULTS.ntk_probes})",
+    )
+    group = parser.add_argument_group("logging (docs/logging.md)")
+    group.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write each snapshot to TensorBoard event files in DIR (scalars under "
+        "curvscope/, densities as histograms and figures); pip install 'curvscope[tensorboard]'",
+    )
+    group.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        help="also log each snapshot to a W&B run of PROJECT, offline (in WANDB_DIR or ./wandb) "
+        "unless WANDB_MODE says otherwise; pip install 'curvscope[wandb]'",
     )
     parser.set_defaults(run=run)
 
@@ -268,7 +282,7 @@ def _checked(s: TrackSettings) -> tuple[TrackSettings, list[str], Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Train to --steps, printing one line per snapshot and the run folder at the end."""
-    from ..tracking import Tracker
+    from ..tracking import TensorBoardLogger, Tracker, WandbLogger
     from ..tracking.tracker import format_line
     from ..tracking.training import THRESHOLD_NAMES, TrainingLoop, TrainingSet, build_optimizer
 
@@ -302,6 +316,12 @@ def run(args: argparse.Namespace) -> int:
         operator_options["unpack_batch"] = problem.unpack
     if problem.device is not None:
         operator_options["device"] = problem.device
+    sinks: list[Any] = (
+        [TensorBoardLogger(args.tensorboard, images=True)] if args.tensorboard else []
+    )
+    if args.wandb:  # offline unless WANDB_MODE says otherwise
+        wandb_config = {"train": train, "schedule": schedule.spec, "measurements": names}
+        sinks.append(WandbLogger(args.wandb, images=True, config=wandb_config))
     tracker = Tracker(
         out,
         problem.loss_fn,
@@ -324,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
             "train": train,
         },
         operator_options=operator_options,
+        loggers=sinks,
     )
     loop = TrainingLoop(model, problem.loss_fn, training, optimizer, tracker, s.seed, train)
     with tracker, loop:
@@ -352,5 +373,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  snapshots {snapshots} taken now, {len(tracker.completed_steps)} in the run")
     print(f"  time      {time.perf_counter() - started:.1f} s")
     print(f"  plot      curvscope plot {shlex.quote(str(out))}")
+    if args.tensorboard:
+        print(f"  view      tensorboard --logdir {shlex.quote(args.tensorboard)}")
     print(f"run folder: {out}")
     return 0

@@ -2,10 +2,13 @@
 
 ``Tracker(run_dir, loss_fn, data, schedule).step(step, model, optimizer, loss=loss)`` in any
 training loop; ``load_run(run_dir)`` reads the series back. Optional trainer integrations live
-in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), imported lazily.
+in :mod:`curvscope.tracking.callbacks` (PyTorch Lightning, Hugging Face), and loggers that send
+each snapshot to TensorBoard or Weights & Biases in :mod:`curvscope.tracking.loggers`
+(``Tracker(..., loggers=[TensorBoardLogger("tb/run")])``); their packages are imported lazily.
 """
 
 from .callbacks import HuggingFaceTracker, LightningTracker
+from .loggers import SnapshotLogger, TensorBoardLogger, WandbLogger
 from .measurements import MEASUREMENTS, MeasurementSkipped, register_measurement
 from .schedule import Schedule
 from .store import Problem, Run, RunProblem, RunStore, load_run
@@ -22,7 +25,10 @@ __all__ = [
     "RunStore",
     "Schedule",
     "Snapshot",
+    "SnapshotLogger",
+    "TensorBoardLogger",
     "Tracker",
+    "WandbLogger",
     "load_run",
     "register_measurement",
 ]

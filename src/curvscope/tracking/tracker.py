@@ -61,6 +61,7 @@ from ..operators import HessianOperator
 from ..operators.batches import default_unpack, first_tensor
 from ..operators.functional import default_dtype_for, random_modules
 from ..rng import preserved_rng
+from .loggers import SnapshotLogger
 from .measurements import MEASUREMENTS, Measurement, MeasurementSkipped
 from .schedule import Schedule
 from .store import RUN_FILE, RunStore, _as_scalar
@@ -156,6 +157,12 @@ class Tracker:
             running statistics), for models that train with dropout: their train-mode loss
             is random, so its Hessian is refused. Each module's own mode is restored after
             the snapshot. Default False: the model is measured in the mode it is in.
+        loggers: Objects with ``log_snapshot(step, scalars, results)`` and ``close()``
+            (:class:`~curvscope.tracking.loggers.SnapshotLogger`), called with every snapshot
+            once it is committed (on rank 0 only under torch.distributed), and closed by
+            :meth:`close`: :class:`~curvscope.tracking.TensorBoardLogger`,
+            :class:`~curvscope.tracking.WandbLogger` or your own. Not part of the run's
+            settings: a resumed run may log elsewhere.
 
     Failures (one measurement never ends a training run, a mistake shows at once):
 
@@ -175,6 +182,11 @@ class Tracker:
     - Under torch.distributed failures always propagate: a rank that stopped in the middle
       of a measurement would leave the ranks' collective operations mismatched.
     - ``KeyboardInterrupt`` and other non-``Exception`` errors always propagate.
+    - A logger is called after the snapshot is committed, so its failure never costs the run
+      folder a snapshot. A logger that raises before it has once succeeded in this Tracker
+      raises out of :meth:`step` once the other loggers have had the snapshot (a wrong folder
+      or a bug in your own logger shows at the first snapshot); later failures are logged as
+      warnings (the first with its traceback) and training goes on.
 
     A measurement that needs another one (``tracker.current``) is skipped when that one was
     skipped or failed at the snapshot.
@@ -240,6 +252,7 @@ class Tracker:
         save_vectors: bool = False,
         operator_options: Mapping[str, Any] | None = None,
         eval_mode: bool = False,
+        loggers: Sequence[SnapshotLogger] = (),
     ) -> None:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
@@ -259,6 +272,7 @@ class Tracker:
         self.save_vectors = bool(save_vectors)
         self.operator_options = dict(operator_options or {})
         self.eval_mode = bool(eval_mode)
+        self.loggers = _checked_loggers(loggers)
         if self.top_k < 1 or self.density_iters < 1 or self.density_probes < 1:
             raise ValueError("top_k, density_iters and density_probes must be >= 1")
         self.config = {
@@ -294,6 +308,9 @@ class Tracker:
         self._data_identity: dict[str, Any] | None = None
         self._written: set[int] = set()
         self._succeeded: set[str] = set()  # measurements (and _OPERATOR) that worked once
+        self._loggers_ok: set[int] = set()  # indices of loggers that worked once
+        self._loggers_warned: set[int] = set()  # ... and of those whose failure was logged
+        self._loggers_closed = False
         if self.store.last_identity is not None:
             try:  # fail before any training time is spent, as far as it can be told now
                 self._check_identity(self._identity_before_model(self.store.last_identity))
@@ -375,6 +392,7 @@ class Tracker:
         written = {name: _plain(value) for name, value in row.items()}
         self.last = Snapshot(step, written, results, path, notes)
         self._report(self.last)
+        self._send(self.last)
         return self.last
 
     def _build_operator(
@@ -629,9 +647,63 @@ class Tracker:
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 print(line)
 
+    def _send(self, snapshot: Snapshot) -> None:
+        """Hand the committed snapshot to every logger (see "Failures" in the class docstring)."""
+        if not self.loggers or (is_distributed() and rank() > 0):
+            return
+        first_error: Exception | None = None
+        for index, sink in enumerate(self.loggers):
+            try:
+                sink.log_snapshot(snapshot.step, snapshot.scalars, snapshot.results)
+            except Exception as error:
+                name = type(sink).__name__
+                if index not in self._loggers_ok:
+                    error.add_note(
+                        f"curvscope: logger {name} failed at step {snapshot.step} before it had "
+                        f"once succeeded in this Tracker, so the error is raised; the snapshot is "
+                        f"committed in {snapshot.path} (later failures are logged as warnings "
+                        "and training goes on)"
+                    )
+                    first_error = first_error or error
+                    continue
+                first = index not in self._loggers_warned
+                self._loggers_warned.add(index)
+                logger.warning(
+                    "step %d: logger %s failed (the snapshot is in the run folder; training goes "
+                    "on): %s",
+                    snapshot.step,
+                    name,
+                    _reason(error),
+                    exc_info=error if first else None,
+                )
+                continue
+            self._loggers_ok.add(index)
+        if first_error is not None:
+            raise first_error
+
     def close(self) -> None:
-        """Release the run folder (every snapshot is already committed)."""
-        self.store.close()
+        """Close the loggers and release the run folder (every snapshot is already committed).
+
+        A logger that fails to close is logged as a warning; the others are still closed.
+        """
+        try:
+            if not self._loggers_closed:
+                self._loggers_closed = True
+                for sink in self.loggers:
+                    close = getattr(sink, "close", None)
+                    if close is None:
+                        continue
+                    try:
+                        close()
+                    except Exception as error:
+                        logger.warning(
+                            "logger %s failed to close: %s",
+                            type(sink).__name__,
+                            _reason(error),
+                            exc_info=error,
+                        )
+        finally:
+            self.store.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -1028,6 +1100,21 @@ def _resolve(
     if not resolved:
         raise ValueError("measurements is empty: name at least one, e.g. ('top',)")
     return resolved
+
+
+def _checked_loggers(loggers: Sequence[SnapshotLogger]) -> list[SnapshotLogger]:
+    """The loggers as a list, each checked to have ``log_snapshot``."""
+    if loggers is None:
+        return []
+    found = [loggers] if hasattr(loggers, "log_snapshot") else list(loggers)
+    for index, sink in enumerate(found):
+        if not callable(getattr(sink, "log_snapshot", None)):
+            raise TypeError(
+                f"loggers[{index}] ({type(sink).__name__}) has no log_snapshot method: a logger "
+                "has log_snapshot(step, scalars, results) and close() (see "
+                "curvscope.tracking.loggers), e.g. TensorBoardLogger('tb/run')"
+            )
+    return found
 
 
 def _rank_run_dir(run_dir: str | os.PathLike[str]) -> Path:
