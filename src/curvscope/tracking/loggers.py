@@ -11,8 +11,8 @@ In any training loop (Lightning and Hugging Face callbacks pass ``loggers`` on t
             tracker.step(step, model, optimizer, loss=loss)
 
 After a snapshot is committed to the run folder, every logger's
-``log_snapshot(step, scalars, results)`` is called with the snapshot's scalars
-(:attr:`~curvscope.tracking.Snapshot.scalars`: "lambda_max", "trace", "loss", "lr", timings, ...)
+``log_snapshot(step, scalars, results)`` is called with the snapshot's scalars (``scalars`` of
+:class:`~curvscope.tracking.Snapshot`: "lambda_max", "trace", "loss", "lr", timings, ...)
 and its result objects ("density" -> :class:`~curvscope.linalg.SpectralDensity`, "top" ->
 :class:`~curvscope.linalg.Eigenpairs`, ...); :meth:`Tracker.close` calls each logger's
 ``close()``. Any object with these two methods is a logger (:class:`SnapshotLogger`).
@@ -64,9 +64,9 @@ class SnapshotLogger(Protocol):
 
         Args:
             step: The training step of the snapshot.
-            scalars: Name -> number (:attr:`~curvscope.tracking.Snapshot.scalars`); NaN for a
-                value that could not be taken.
-            results: Name -> result object (:attr:`~curvscope.tracking.Snapshot.results`).
+            scalars: Name -> number (``scalars`` of :class:`~curvscope.tracking.Snapshot`);
+                NaN for a value that could not be taken.
+            results: Name -> result object (``results`` of :class:`~curvscope.tracking.Snapshot`).
         """
 
     def close(self) -> None:
