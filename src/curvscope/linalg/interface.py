@@ -6,7 +6,8 @@ Numerics in :mod:`curvscope.linalg` see only ``shape``, ``dtype``, ``device`` an
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import sys
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,17 +72,60 @@ class DenseOperator:
         """Multiply one vector ``v`` (n,); counts one product."""
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
+    def rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply the columns of ``V`` (n, k) by the transpose; counts k products.
 
-def as_operator(op: LinearOperatorLike | torch.Tensor | np.ndarray) -> LinearOperatorLike:
-    """Accept an operator, or wrap a dense square matrix in :class:`DenseOperator`."""
+        The same as :meth:`matmat` for the symmetric matrices the numerics expect; exact for
+        any matrix (SciPy's ``rmatvec`` of :meth:`to_scipy` uses it).
+        """
+        self.num_products += V.shape[1]
+        return self.matrix.T @ V
+
+    def to_scipy(self) -> Any:
+        """The matrix as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out).
+
+        See :func:`curvscope.linalg.scipy_interop.to_scipy`.
+        """
+        from .scipy_interop import to_scipy
+
+        return to_scipy(self)
+
+
+def as_operator(op: Any) -> LinearOperatorLike:
+    """Accept an operator, or wrap a matrix or a SciPy operator in the torch interface.
+
+    Args:
+        op: An operator with ``shape``, ``dtype``, ``device`` and ``matmat`` (returned as
+            it is); a dense square torch tensor or numpy array (a :class:`DenseOperator`); or
+            a SciPy ``LinearOperator``, sparse matrix or sparse array (a
+            :class:`~curvscope.linalg.scipy_interop.ScipyAsTorch`, float64 unless the SciPy
+            operator is float32; ``op.to_scipy()`` gives back ``op`` itself).
+
+    Raises:
+        TypeError: ``op`` is none of these.
+    """
     if isinstance(op, (torch.Tensor, np.ndarray)):
         return DenseOperator(op)
+    if _is_scipy(op):
+        from .scipy_interop import from_scipy
+
+        return from_scipy(op)
     if not all(hasattr(op, name) for name in ("shape", "dtype", "device", "matmat")):
         raise TypeError(
             f"{type(op).__name__} is not an operator: it needs shape, dtype, device and "
-            "matmat(V) for (n, k) blocks (curvscope.HessianOperator is one), or pass a matrix"
+            "matmat(V) for (n, k) blocks (curvscope.HessianOperator is one), or pass a matrix "
+            "or a scipy.sparse.linalg.LinearOperator"
         )
     return op
+
+
+def _is_scipy(op: Any) -> bool:
+    """Whether ``op`` is a SciPy operator or sparse matrix, without importing SciPy."""
+    if "scipy.sparse" not in sys.modules:  # nothing can be one before SciPy is loaded
+        return False
+    from .scipy_interop import is_scipy_operator
+
+    return is_scipy_operator(op)
 
 
 def apply_rows(op: LinearOperatorLike, rows: torch.Tensor) -> torch.Tensor:
