@@ -6,11 +6,12 @@ Numerics in :mod:`curvscope.linalg` see only ``shape``, ``dtype``, ``device`` an
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .scipy_interop import TorchAsScipy, from_scipy, is_scipy_operator, to_scipy
 
 
 @runtime_checkable
@@ -81,13 +82,11 @@ class DenseOperator:
         self.num_products += V.shape[1]
         return self.matrix.T @ V
 
-    def to_scipy(self) -> Any:
+    def to_scipy(self) -> TorchAsScipy:
         """The matrix as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out).
 
         See :func:`curvscope.linalg.scipy_interop.to_scipy`.
         """
-        from .scipy_interop import to_scipy
-
         return to_scipy(self)
 
 
@@ -106,9 +105,7 @@ def as_operator(op: Any) -> LinearOperatorLike:
     """
     if isinstance(op, (torch.Tensor, np.ndarray)):
         return DenseOperator(op)
-    if _is_scipy(op):
-        from .scipy_interop import from_scipy
-
+    if is_scipy_operator(op):
         return from_scipy(op)
     if not all(hasattr(op, name) for name in ("shape", "dtype", "device", "matmat")):
         raise TypeError(
@@ -117,15 +114,6 @@ def as_operator(op: Any) -> LinearOperatorLike:
             "or a scipy.sparse.linalg.LinearOperator"
         )
     return op
-
-
-def _is_scipy(op: Any) -> bool:
-    """Whether ``op`` is a SciPy operator or sparse matrix, without importing SciPy."""
-    if "scipy.sparse" not in sys.modules:  # nothing can be one before SciPy is loaded
-        return False
-    from .scipy_interop import is_scipy_operator
-
-    return is_scipy_operator(op)
 
 
 def apply_rows(op: LinearOperatorLike, rows: torch.Tensor) -> torch.Tensor:

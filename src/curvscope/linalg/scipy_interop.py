@@ -26,7 +26,9 @@ import scipy.sparse
 import torch
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
-from .interface import LinearOperatorLike
+#: A curvscope operator (:class:`~curvscope.linalg.interface.Operator`): this module
+#: sits below :mod:`~curvscope.linalg.interface`, which calls :func:`from_scipy`.
+Operator = Any
 
 #: torch float dtypes with a numpy counterpart.
 _NUMPY_DTYPES = {
@@ -80,7 +82,7 @@ class TorchAsScipy(LinearOperator):
         shape: The operator's shape.
     """
 
-    def __init__(self, op: LinearOperatorLike, symmetric: bool = True) -> None:
+    def __init__(self, op: Operator, symmetric: bool = True) -> None:
         if not _is_operator(op):
             raise TypeError(
                 f"{type(op).__name__} is not an operator: to_scipy needs shape, dtype, device "
@@ -133,7 +135,7 @@ class TorchAsScipy(LinearOperator):
         return self if self.symmetric else super()._transpose()
 
 
-def to_scipy(op: LinearOperatorLike, symmetric: bool = True) -> TorchAsScipy:
+def to_scipy(op: Operator, symmetric: bool = True) -> TorchAsScipy:
     """``op`` as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out).
 
     Args:
@@ -230,7 +232,7 @@ def is_scipy_operator(A: Any) -> bool:
     return isinstance(A, LinearOperator) or scipy.sparse.issparse(A)
 
 
-def from_scipy(A: Any, dtype: torch.dtype | None = None) -> LinearOperatorLike:
+def from_scipy(A: Any, dtype: torch.dtype | None = None) -> Operator:
     """A SciPy operator or sparse matrix as a curvscope operator (see :class:`ScipyAsTorch`).
 
     A :class:`TorchAsScipy` (the result of ``op.to_scipy()``) gives back its own operator,
