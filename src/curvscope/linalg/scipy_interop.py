@@ -213,7 +213,7 @@ class ScipyAsTorch:
             got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise ValueError(f"expected a torch block of shape (n={n}, k), got {got}")
         self.num_products += V.shape[1]
-        X = V.detach().to("cpu", numpy_dtype(self.dtype)).numpy()
+        X = V.detach().to("cpu", self.dtype).numpy()
         out = np.asarray(self.linear_operator.matmat(X))
         if np.iscomplexobj(out):
             raise ValueError("the SciPy operator returned complex values for a real block")
