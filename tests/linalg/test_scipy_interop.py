@@ -163,7 +163,7 @@ def test_aslinearoperator_on_the_operator_itself_is_not_supported(hessian):
     """Documents SciPy's limit (docs/interop.md): it reads op.dtype through numpy.dtype. If a
     SciPy release ever accepts it, this test says so and the docs can name both routes."""
     H, _ = hessian
-    with pytest.raises(TypeError, match="torch.float64"):
+    with pytest.raises(TypeError, match=r"torch\.float64"):
         aslinearoperator(H)
 
 
@@ -238,7 +238,7 @@ def test_clear_errors():
         op.matmat(torch.ones(4, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="dimension mismatch"):  # SciPy's own check
         DenseOperator(np.eye(3)).to_scipy() @ np.ones(4)
-    with pytest.raises(ValueError, match="dtype must be torch.float64 or torch.float32"):
+    with pytest.raises(ValueError, match=r"dtype must be torch\.float64 or torch\.float32"):
         from_scipy(aslinearoperator(np.eye(3)), dtype=torch.int64)
 
 
