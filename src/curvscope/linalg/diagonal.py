@@ -230,7 +230,7 @@ def diagonal(
             raise ValueError(
                 f"diag++ needs num_products >= 2 * sketch_size + 2 with sketch_size >= 1 (the "
                 f"sketch, A Q, and at least 2 probes); got num_products={num_products}, "
-                f"sketch_size={sketch}: raise num_products (>= 6 with the default sketch)"
+                f"sketch_size={sketch}: raise num_products (>= 4 with the default sketch)"
             )
         sketch = min(sketch, n)
         Y = torch.cat(
