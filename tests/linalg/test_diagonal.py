@@ -172,6 +172,22 @@ def test_hutchinson_is_exact_on_a_diagonal_matrix():
     assert np.array_equal(estimate.std_error, np.zeros(8))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_matrix_and_a_budget_of_n_products(method):
+    """A = 0 gives 0 with standard error 0 (XDiag sees rank 0 and spends only A Om). With
+    num_products >= n, XDiag and Diag++ read the diagonal off A I exactly, in n products."""
+    estimate = diagonal(np.zeros((5, 5)), 4, method=method)
+    assert np.array_equal(estimate.values, np.zeros(5))
+    assert np.array_equal(estimate.std_error, np.zeros(5))
+    assert estimate.num_products == (2 if method == "xdiag" else 4)
+    M = np.arange(16.0).reshape(4, 4)
+    M = M + M.T
+    if method != "hutchinson":
+        estimate = diagonal(M, 10, method=method, block=3)
+        assert np.array_equal(estimate.values, np.diag(M))
+        assert estimate.num_products == 4 and not estimate.std_error.any()
+
+
 def test_same_seed_same_numbers_and_block_does_not_change_the_probes():
     A = decaying(50)
     first = diagonal(A, 30, seed=7, block=10)

@@ -224,6 +224,8 @@ def _xdiag(
 def _apply_columns(op: LinearOperatorLike, Q: torch.Tensor, block: int) -> torch.Tensor:
     """A Q for orthonormal columns Q (n, k), float64, ``block`` columns per pass."""
     k = Q.shape[1]
+    if k == 0:  # A Om = 0: nothing to apply
+        return torch.zeros_like(Q)
     Qt = Q.T.contiguous()
     return torch.cat([apply_rows(op, Qt[s : s + block]) for s in range(0, k, block)]).T
 
@@ -245,7 +247,9 @@ def diagonal(
             all as probes. XDiag uses m = num_products // 2 test vectors (A Om, then A Q).
             Diag++ spends ``sketch_size`` on the sketch A S, ``sketch_size`` on A Q and the
             rest on Hutchinson probes of the deflated remainder. A sketch that shows A to have
-            rank r < m spends fewer (``num_products`` of the result says how many).
+            rank r < m spends fewer (``num_products`` of the result says how many). With
+            num_products >= n, XDiag and Diag++ read the diagonal off A I exactly (n products,
+            standard error 0).
         method: "xdiag" (default; exchangeable: every product serves both the low-rank part
             and the remainder), "diag++" or "hutchinson".
         seed: Seed of the Rademacher sketch and probes; the same seed gives the same numbers,
@@ -287,7 +291,15 @@ def diagonal(
         )
     started = time.perf_counter()
     sketch = 0
-    if method == "xdiag":
+    num_probes = 0
+    if method != "hutchinson" and num_products >= n:
+        # The budget covers A I: read the diagonal off exactly, in n products.
+        eye = torch.eye(n, dtype=torch.float64, device=op.device)
+        values = torch.cat(
+            [apply_rows(op, eye[s : s + block]).diagonal(offset=s) for s in range(0, n, block)]
+        )
+        std_error, spent = torch.zeros_like(values), n
+    elif method == "xdiag":
         if num_products < 4:
             raise ValueError(
                 f"xdiag needs num_products >= 4 (two products per test vector, at least 2 test "
