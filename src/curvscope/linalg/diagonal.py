@@ -59,8 +59,8 @@ class DiagonalEstimate:
         values: Estimate of diag(A), float64, shape (n,).
         std_error: Standard error of each entry, float64, shape (n,) (0 where the low-rank
             part was exact and the remainder vanished).
-        num_products: Operator products spent (columns multiplied; fewer than asked when
-            the sketch was cut to n).
+        num_products: Operator products spent (columns multiplied): fewer than asked when
+            XDiag's sketch showed rank(A) < m, or n when the diagonal was read off A I.
         method: "xdiag", "diag++" or "hutchinson".
         meta: probes (Hutchinson probes; 0 for XDiag), sketch size (Diag++'s k, XDiag's m),
             seed, dtype, versions, wall time.
@@ -97,7 +97,7 @@ class DiagonalEstimate:
             "std_error", shape=values.shape, like="as 'values'", nan=True, minimum=0.0
         )
         num_products = file.integer("num_products", minimum=1)
-        method = file._field("method")
+        method = file.meta.pop("method", None)
         if method not in METHODS:
             raise ValueError(
                 f"{file.json_path}: field 'method' must be one of {METHODS}, got {method!r}"
@@ -108,10 +108,10 @@ class DiagonalEstimate:
         return (
             f"DiagonalEstimate(n={self.values.size}, method={self.method!r}, "
             f"num_products={self.num_products}, "
-            f"median_relative_se={self.median_relative_error():.3g})"
+            f"median_relative_se={self.median_relative_se():.3g})"
         )
 
-    def median_relative_error(self) -> float:
+    def median_relative_se(self) -> float:
         """Median over entries of std_error / |value| (entries with value 0 left out)."""
         nonzero = self.values != 0
         if not nonzero.any():
@@ -221,6 +221,27 @@ def _xdiag(
     return per.mean(dim=1), per.std(dim=1) / np.sqrt(m), 2 * m
 
 
+def _diagpp(
+    op: LinearOperatorLike, k: int, num_probes: int, seed: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diag++ with a sketch of k columns and ``num_probes`` Hutchinson probes: (values, se)."""
+    Y = torch.cat(
+        [
+            apply_rows(op, _probes(op, _SKETCH, seed, s, min(block, k - s)))
+            for s in range(0, k, block)
+        ]
+    )
+    Q = torch.linalg.qr(Y.T).Q.T  # (k, n) orthonormal rows spanning the range of A S
+    del Y
+    W = torch.cat([apply_rows(op, Q[s : s + block]) for s in range(0, k, block)])
+    M = Q @ W.T  # Q^T A Q, (k, k)
+    M = 0.5 * (M + M.T)
+    # diag(PA) = diag(AP) = rowsum(Q * AQ); diag(PAP) = rowsum((Q M) * Q) (columns here).
+    exact = 2.0 * (Q * W).sum(dim=0) - ((M @ Q) * Q).sum(dim=0)
+    rest, std_error = _hutchinson(op, num_probes, seed, block, Q)
+    return exact + rest, std_error
+
+
 def _apply_columns(op: LinearOperatorLike, Q: torch.Tensor, block: int) -> torch.Tensor:
     """A Q for orthonormal columns Q (n, k), float64, ``block`` columns per pass."""
     k = Q.shape[1]
@@ -289,8 +310,25 @@ def diagonal(
             f"sketch_size is Diag++'s split; {method} takes none (xdiag uses num_products // 2 "
             "test vectors for both parts)"
         )
+    minimum = {"xdiag": 4, "hutchinson": 2, "diag++": 4}[method]
+    if num_products < minimum:
+        why = {
+            "xdiag": "two products per test vector, at least 2 test vectors",
+            "hutchinson": "at least 2 probes",
+            "diag++": "the sketch, A Q, and at least 2 probes",
+        }[method]
+        raise ValueError(
+            f"{method} needs num_products >= {minimum} ({why} for a standard error), got "
+            f"{num_products}"
+        )
+    sketch = num_products // 3 if sketch_size is None else int(sketch_size)
+    if method == "diag++" and (sketch < 1 or num_products - 2 * sketch < 2):
+        raise ValueError(
+            f"diag++ needs num_products >= 2 * sketch_size + 2 with sketch_size >= 1 (the "
+            f"sketch, A Q, and at least 2 probes); got num_products={num_products}, "
+            f"sketch_size={sketch}: raise num_products or lower sketch_size"
+        )
     started = time.perf_counter()
-    sketch = 0
     num_probes = 0
     if method != "hutchinson" and num_products >= n:
         # The budget covers A I: read the diagonal off exactly, in n products.
@@ -298,49 +336,18 @@ def diagonal(
         values = torch.cat(
             [apply_rows(op, eye[s : s + block]).diagonal(offset=s) for s in range(0, n, block)]
         )
-        std_error, spent = torch.zeros_like(values), n
+        std_error, spent, sketch = torch.zeros_like(values), n, 0
     elif method == "xdiag":
-        if num_products < 4:
-            raise ValueError(
-                f"xdiag needs num_products >= 4 (two products per test vector, at least 2 test "
-                f"vectors for a standard error), got {num_products}"
-            )
-        sketch = min(num_products // 2, n)
+        sketch = num_products // 2
         values, std_error, spent = _xdiag(op, sketch, seed, block)
-        num_probes = 0
     elif method == "hutchinson":
-        if num_products < 2:
-            raise ValueError(
-                f"hutchinson needs num_products >= 2 for a standard error, got {num_products}"
-            )
         num_probes = spent = num_products
+        sketch = 0
         values, std_error = _hutchinson(op, num_probes, seed, block, None)
     else:
-        sketch = num_products // 3 if sketch_size is None else int(sketch_size)
-        if sketch < 1 or num_products - 2 * sketch < 2:
-            raise ValueError(
-                f"diag++ needs num_products >= 2 * sketch_size + 2 with sketch_size >= 1 (the "
-                f"sketch, A Q, and at least 2 probes); got num_products={num_products}, "
-                f"sketch_size={sketch}: raise num_products (>= 4 with the default sketch)"
-            )
-        sketch = min(sketch, n)
-        Y = torch.cat(
-            [
-                apply_rows(op, _probes(op, _SKETCH, seed, s, min(block, sketch - s)))
-                for s in range(0, sketch, block)
-            ]
-        )
-        Q = torch.linalg.qr(Y.T).Q.T  # (k, n) orthonormal rows spanning the range of A S
-        del Y
-        W = torch.cat([apply_rows(op, Q[s : s + block]) for s in range(0, sketch, block)])
-        M = Q @ W.T  # Q^T A Q, (k, k)
-        M = 0.5 * (M + M.T)
-        # diag(PA) = diag(AP) = rowsum(Q * AQ); diag(PAP) = rowsum((Q M) * Q) (columns here).
-        exact = 2.0 * (Q * W).sum(dim=0) - ((M @ Q) * Q).sum(dim=0)
         num_probes = num_products - 2 * sketch
-        rest, std_error = _hutchinson(op, num_probes, seed, block, Q)
-        values = exact + rest
-        spent = 2 * sketch + num_probes
+        values, std_error = _diagpp(op, sketch, num_probes, seed, block)
+        spent = num_products
     meta = {
         **environment_metadata(),
         "num_probes": num_probes,
