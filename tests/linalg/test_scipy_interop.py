@@ -222,6 +222,12 @@ def test_round_trip_gives_back_the_operator(hessian):
     H, _ = hessian
     assert as_operator(H.to_scipy()) is H
     assert from_scipy(H.to_scipy()) is H
+    # a non-symmetric SciPy operator keeps its transpose through curvscope and back
+    M = np.random.default_rng(7).standard_normal((4, 4))
+    back = to_scipy(from_scipy(aslinearoperator(M)))
+    x = np.arange(4.0)
+    assert np.allclose(back @ x, M @ x, rtol=0, atol=1e-14)
+    assert np.allclose(back.rmatvec(x), M.T @ x, rtol=0, atol=1e-14)
 
 
 def test_clear_errors():

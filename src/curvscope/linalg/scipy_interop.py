@@ -208,13 +208,20 @@ class ScipyAsTorch:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Multiply the columns of ``V`` (n, k) with SciPy; returns (n, k) in :attr:`dtype`."""
+        return self._apply(V, self.linear_operator.matmat)
+
+    def rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply the columns of ``V`` (n, k) by the transpose (SciPy's ``rmatmat``)."""
+        return self._apply(V, self.linear_operator.rmatmat)
+
+    def _apply(self, V: torch.Tensor, apply: Any) -> torch.Tensor:
         n = self.shape[0]
         if not isinstance(V, torch.Tensor) or V.ndim != 2 or V.shape[0] != n:
             got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise ValueError(f"expected a torch block of shape (n={n}, k), got {got}")
         self.num_products += V.shape[1]
         X = V.detach().to("cpu", self.dtype).numpy()
-        out = np.asarray(self.linear_operator.matmat(X))
+        out = np.asarray(apply(X))
         if np.iscomplexobj(out):
             raise ValueError("the SciPy operator returned complex values for a real block")
         return torch.tensor(out, dtype=self.dtype).reshape(n, V.shape[1])
