@@ -74,6 +74,7 @@ class CurvatureOperator(ABC):
         Raises:
             ValueError: The operator's dtype has no numpy counterpart (bfloat16).
         """
+        # Imported here: the operators load without SciPy until it is asked for.
         from ..linalg.scipy_interop import to_scipy
 
         return to_scipy(self)

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from ..linalg.interface import LinearOperatorLike, as_operator
+from ..linalg.scipy_interop import TorchAsScipy, to_scipy
 
 Method = Literal["gd", "heavy_ball", "nesterov", "adam"]
 METHODS: tuple[str, ...] = ("gd", "heavy_ball", "nesterov", "adam")
@@ -386,15 +387,13 @@ class UpdateOperator:
             out = out + self.wd * W
         return out
 
-    def to_scipy(self) -> Any:
+    def to_scipy(self) -> TorchAsScipy:
         """T as a ``scipy.sparse.linalg.LinearOperator`` with ``rmatvec`` = T^T (non-symmetric).
 
         Numpy in, numpy out, in T's dtype; see :func:`curvscope.linalg.scipy_interop.to_scipy`.
         ``scipy.sparse.linalg.eigs(T.to_scipy(), k=4)`` gives T's largest-magnitude
         eigenvalues.
         """
-        from ..linalg.scipy_interop import to_scipy
-
         return to_scipy(self)
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
