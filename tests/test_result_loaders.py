@@ -26,6 +26,7 @@ from curvscope.linalg import (
     Eigenpairs,
     SpectralDensity,
     TraceEstimate,
+    diagonal,
     spectral_density,
     top_eigenpairs,
     trace,
@@ -59,6 +60,7 @@ def make_results() -> dict[str, Any]:
         "bounds": transient_bounds(T, num_steps=20),
         "structure": spectrum_structure(density),
         "overlap": gradient_overlap(A, gradient, k=3, eigenpairs=pairs),
+        "diagonal": diagonal(A, num_products=20, seed=3),
     }
 
 
@@ -211,6 +213,18 @@ CRAFTED = [
     ("trace", drop_field("value"), r"trace\.json: missing field 'value'"),
     ("trace", set_array("samples", lambda a: a[:, None]), r"trace\.npz: samples has shape"),
     ("trace", drop_array("samples"), r"missing array 'samples'"),
+    # DiagonalEstimate
+    ("diagonal", set_array("std_error", negated), r"diagonal\.npz: std_error has entries below 0"),
+    (
+        "diagonal",
+        set_array("std_error", lambda a: a[:-1]),
+        r"std_error has shape \(39,\), expected \(40,\) as 'values'",
+    ),
+    ("diagonal", drop_array("values"), r"diagonal\.npz: missing array 'values'"),
+    ("diagonal", set_field("method", "exact"), r"diagonal\.json: field 'method' must be one of"),
+    ("diagonal", drop_field("method"), r"field 'method' must be one of .*, got None"),
+    ("diagonal", set_field("num_products", 0), r"'num_products' must be a positive integer"),
+    ("diagonal", set_field("kind", "Trace"), r"field 'kind' is 'Trace', not 'Diagonal'"),
     # Eigenpairs
     (
         "top",

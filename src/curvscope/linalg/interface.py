@@ -6,10 +6,12 @@ Numerics in :mod:`curvscope.linalg` see only ``shape``, ``dtype``, ``device`` an
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .scipy_interop import TorchAsScipy, from_scipy, is_scipy_operator, to_scipy
 
 
 @runtime_checkable
@@ -71,15 +73,45 @@ class DenseOperator:
         """Multiply one vector ``v`` (n,); counts one product."""
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
+    def rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply the columns of ``V`` (n, k) by the transpose; counts k products.
 
-def as_operator(op: LinearOperatorLike | torch.Tensor | np.ndarray) -> LinearOperatorLike:
-    """Accept an operator, or wrap a dense square matrix in :class:`DenseOperator`."""
+        The same as :meth:`matmat` for the symmetric matrices the numerics expect; exact for
+        any matrix (SciPy's ``rmatvec`` of :meth:`to_scipy` uses it).
+        """
+        self.num_products += V.shape[1]
+        return self.matrix.T @ V
+
+    def to_scipy(self) -> TorchAsScipy:
+        """The matrix as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out).
+
+        See :func:`curvscope.linalg.scipy_interop.to_scipy`.
+        """
+        return to_scipy(self)
+
+
+def as_operator(op: Any) -> LinearOperatorLike:
+    """Accept an operator, or wrap a matrix or a SciPy operator in the torch interface.
+
+    Args:
+        op: An operator with ``shape``, ``dtype``, ``device`` and ``matmat`` (returned as
+            it is); a dense square torch tensor or numpy array (a :class:`DenseOperator`); or
+            a SciPy ``LinearOperator``, sparse matrix or sparse array (a
+            :class:`~curvscope.linalg.scipy_interop.ScipyAsTorch`, float64 unless the SciPy
+            operator is float32; ``op.to_scipy()`` gives back ``op`` itself).
+
+    Raises:
+        TypeError: ``op`` is none of these.
+    """
     if isinstance(op, (torch.Tensor, np.ndarray)):
         return DenseOperator(op)
+    if is_scipy_operator(op):
+        return from_scipy(op)
     if not all(hasattr(op, name) for name in ("shape", "dtype", "device", "matmat")):
         raise TypeError(
             f"{type(op).__name__} is not an operator: it needs shape, dtype, device and "
-            "matmat(V) for (n, k) blocks (curvscope.HessianOperator is one), or pass a matrix"
+            "matmat(V) for (n, k) blocks (curvscope.HessianOperator is one), or pass a matrix "
+            "or a scipy.sparse.linalg.LinearOperator"
         )
     return op
 

@@ -23,7 +23,10 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
+import torch
 from scipy.optimize import minimize_scalar
+from scipy.sparse.linalg import LinearOperator
 
 from ..results import ResultFile, environment_metadata, save_result
 
@@ -32,7 +35,23 @@ DEFAULT_RELATIVE_EPS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _square(T: Any) -> np.ndarray:
-    """``T`` as a 2-D square numpy array (float64 or complex128); torch tensors are accepted."""
+    """``T`` as a 2-D square numpy array (float64 or complex128).
+
+    Accepted besides arrays: torch tensors, SciPy sparse matrices and ``LinearOperator`` s
+    (applied to the identity), and matrix-free operators with ``shape`` and ``matmat`` such
+    as :class:`~curvscope.operators.update.UpdateOperator` (applied to the identity in their
+    dtype). Everything here is dense linear algebra: only for small n.
+    """
+    if scipy.sparse.issparse(T):
+        T = T.toarray()
+    elif isinstance(T, LinearOperator) or (hasattr(T, "matmat") and hasattr(T, "shape")):
+        shape = tuple(T.shape)
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+            raise ValueError(f"expected a non-empty square operator, got shape {shape}")
+        if isinstance(T, LinearOperator):
+            T = T.matmat(np.eye(shape[0]))
+        else:
+            T = T.matmat(torch.eye(shape[0], dtype=T.dtype, device=T.device))
     if hasattr(T, "detach"):
         T = T.detach().cpu().numpy()
     T = np.asarray(T)

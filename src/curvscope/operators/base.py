@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..linalg.scipy_interop import TorchAsScipy
 
 
 class CurvatureOperator(ABC):
@@ -56,6 +60,24 @@ class CurvatureOperator(ABC):
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
         cols = [self.matmat(eye[:, i : i + block_size]) for i in range(0, n, block_size)]
         return torch.cat(cols, dim=1)
+
+    def to_scipy(self) -> TorchAsScipy:
+        """The operator as a ``scipy.sparse.linalg.LinearOperator``: numpy in, numpy out.
+
+        Inputs are converted to the operator's dtype and device, results come back as numpy
+        arrays of the matching dtype (float64 for a float64 operator); ``matvec``, ``matmat``
+        and ``@`` go through :meth:`matmat` (a block costs one data pass), and ``rmatvec`` is
+        ``matvec`` (the operator is symmetric). Use it where SciPy wants an operator:
+        ``scipy.sparse.linalg.eigsh(op.to_scipy(), k=5)``; ``aslinearoperator(op)`` itself
+        cannot work (SciPy reads ``op.dtype``, a torch dtype, through ``numpy.dtype``).
+
+        Raises:
+            ValueError: The operator's dtype has no numpy counterpart (bfloat16).
+        """
+        # Imported here: the operators load without SciPy until it is asked for.
+        from ..linalg.scipy_interop import to_scipy
+
+        return to_scipy(self)
 
     def _check(self, V: torch.Tensor) -> None:
         n = self.shape[0]

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from ..linalg.interface import LinearOperatorLike, as_operator
+from ..linalg.scipy_interop import TorchAsScipy, to_scipy
 
 Method = Literal["gd", "heavy_ball", "nesterov", "adam"]
 METHODS: tuple[str, ...] = ("gd", "heavy_ball", "nesterov", "adam")
@@ -415,6 +416,44 @@ class UpdateOperator:
         now, before = X[:n], X[n:]
         top = self.a * now - self.b * before - self.curvature(self.g * now - self.h * before)
         return torch.cat([top, now], dim=0)
+
+    def rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        """T^T X for a block X of shape (order * n, k); returns the same shape.
+
+        With H symmetric and P diagonal, (P H_c)^T = H_c P, so order 1 gives
+        T^T e = a e - g H_c P e and order 2, T^T (u, w) = (a u - g H_c P u + w,
+        -(b u - h H_c P u)); one product with H per column, as for :meth:`matmat`.
+        """
+        if X.ndim != 2 or X.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"expected a block of shape ({self.shape[0]}, k) (stacked (e_t, e_(t-1)) for "
+                f"momentum methods), got {tuple(X.shape)}"
+            )
+        X = X.to(self.dtype) if X.dtype != self.dtype else X
+        n = self.n
+        if self.order == 1:
+            return self.a * X - self.g * self.curvature_transposed(X)
+        now, before = X[:n], X[n:]
+        curved = self.curvature_transposed(now)
+        top = self.a * now - self.g * curved + before
+        return torch.cat([top, -(self.b * now - self.h * curved)], dim=0)
+
+    def curvature_transposed(self, V: torch.Tensor) -> torch.Tensor:
+        """(P H_c)^T V = H_c P V for a block V (n, k)."""
+        W = V if self.preconditioner is None else self.preconditioner[:, None] * V
+        out = self.hessian.matmat(W)
+        if self.wd:
+            out = out + self.wd * W
+        return out
+
+    def to_scipy(self) -> TorchAsScipy:
+        """T as a ``scipy.sparse.linalg.LinearOperator`` with ``rmatvec`` = T^T (non-symmetric).
+
+        Numpy in, numpy out, in T's dtype; see :func:`curvscope.linalg.scipy_interop.to_scipy`.
+        ``scipy.sparse.linalg.eigs(T.to_scipy(), k=4)`` gives T's largest-magnitude
+        eigenvalues.
+        """
+        return to_scipy(self)
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """T x for one vector of shape (order * n,)."""
