@@ -26,7 +26,7 @@ import scipy.sparse
 import torch
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
-#: A curvscope operator (:class:`~curvscope.linalg.interface.Operator`): this module
+#: A curvscope operator (a :class:`~curvscope.linalg.interface.LinearOperatorLike`): this module
 #: sits below :mod:`~curvscope.linalg.interface`, which calls :func:`from_scipy`.
 Operator = Any
 
