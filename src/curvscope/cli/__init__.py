@@ -32,6 +32,7 @@ from .._version import __version__
 from ..distributed import init_from_environment
 from . import blocks, decompose, density, explain, overlap, plot, top, trace, track
 from .errors import PROG, CLIError, is_user_error, one_line
+from .jsonout import json_output
 from .options import FORMATTER, CLIParser, rank0_output
 from .signals import Signals, Terminated, interrupted
 from .threads import num_threads
@@ -122,7 +123,7 @@ def _run_main(argv: list[str]) -> int:
             torch.set_num_threads(threads)
         default_threads = threads is not None and not getattr(parsed, "threads", None)
         args = argparse.Namespace(**vars(parsed), default_threads=default_threads)
-        with rank0_output():
+        with rank0_output(), json_output(args):
             return int(args.run(args))
     except SystemExit as stop:  # --help and --version
         return stop.code if isinstance(stop.code, int) else 0
