@@ -98,7 +98,7 @@ def test_density_top_and_trace_print_the_numbers_they_saved(tmp_path, capsys, us
 
 def test_structure_commands_print_the_numbers_they_saved(tmp_path, structure_module):
     out = tmp_path / "split"
-    args = ["decompose", *STRUCTURE, *TINY, "--json", "--out", str(out)]
+    args = ["decompose", *STRUCTURE, "--iters", "6", "--probes", "1", "--json", "--out", str(out)]
     record = checked(*run_one_thread(*args), "decompose")
     assert list(record["terms"])[:3] == ["hessian", "ggn", "residual"]
     for name, term in record["terms"].items():
@@ -179,3 +179,13 @@ def test_ranks_other_than_0_print_no_json(tmp_path, capsys, user_module, monkeyp
 def test_plain_writes_strict_json():
     value = {"a": np.array([1.0, np.nan]), "b": np.float32(np.inf), "c": np.bool_(True)}
     assert jsonout.plain(value) == {"a": [1.0, None], "b": None, "c": True}
+
+
+def test_every_command_takes_json():
+    from curvscope.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    assert set(commands.choices) == {module.__name__.rsplit(".", 1)[1] for module in COMMANDS}
+    for name, sub in commands.choices.items():
+        assert "--json" in sub.format_help(), name
