@@ -141,11 +141,8 @@ def plot_density(
             panel.legend(loc="upper right", fontsize="small")
     if title is None:
         first = densities[0]
-        what = (
-            "Hessian eigenvalue"
-            if first.meta.get("operator") == "HessianOperator"
-            else ("Eigenvalue")
-        )
+        hessian = first.meta.get("operator") == "HessianOperator"
+        what = "Hessian eigenvalue" if hessian else "Eigenvalue"
         if len(densities) == 1:
             steps = int(np.max(first.num_steps)) if first.num_steps.size else 0
             title = (

@@ -145,6 +145,8 @@ def test_track_and_plot_print_the_run(tmp_path, track_module):
         "trace",
     ]
     assert set(record["problem"]) == PROBLEM_KEYS and record["problem"]["num_samples"] == 120
+    assert record["problem"]["dtype"] == "float64"  # a float32 model's products on the CPU
+    assert record["problem"]["n"] == 610
     from curvscope.tracking import load_run
 
     tracked = load_run(folder)

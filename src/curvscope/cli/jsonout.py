@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import torch
 
 from .._version import __version__
 
@@ -116,12 +117,17 @@ def model_fields(problem: Any, params: Any, num_samples: int | None) -> dict[str
     """:func:`problem_fields` of a model without an operator (``track``, which trains it).
 
     ``n`` counts the trainable parameters (those named in ``params``, when given); ``dtype``
-    and ``device`` are the products' (the model's by default).
+    and ``device`` are the products' (float64 on CPU, else the model's dtype, by default).
     """
+    from ..operators.functional import default_dtype_for
+
     spec = problem.spec
     named = problem.model.named_parameters()
     chosen = [p for name, p in named if p.requires_grad and (not params or name in params)]
-    dtype = problem.dtype or (chosen[0].dtype if chosen else None)
+    device = problem.device or (chosen[0].device if chosen else torch.device("cpu"))
+    dtype = problem.dtype
+    if dtype is None and chosen:
+        dtype = default_dtype_for(device, chosen[0].dtype)
     return {
         "model": spec.model,
         "data": spec.data,
@@ -131,7 +137,7 @@ def model_fields(problem: Any, params: Any, num_samples: int | None) -> dict[str
         "n": sum(p.numel() for p in chosen),
         "num_samples": num_samples,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "device": str(problem.device or (chosen[0].device if chosen else "cpu")),
+        "device": str(device),
         "seed": spec.seed,
     }
 
