@@ -31,9 +31,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=options.wrap(
             "Draw saved SLQ densities together (density.npz/.json of curvscope density, "
             "decompose's density_TERM, a blocks/ member, a tracked run's "
-            "snapshots/step_N/density, or anything SpectralDensity.save wrote) on one grid "
+            "snapshots/step_N/density.npz, or anything SpectralDensity.save wrote) on one grid "
             "with one kernel width, and print per density n, lambda_min, lambda_max, the "
-            "negative mass (quadrature mass below 0) and the Wasserstein-1 distance to the "
+            "negative mass that the quadrature resolves (mass below -band, spectrum_structure) "
+            "and the Wasserstein-1 distance to the "
             "first density (scipy.stats.wasserstein_distance of the weighted Ritz values, in "
             "eigenvalue units), and with three or more, the distance of every pair. No "
             "products: only the saved quadratures are read."
