@@ -157,7 +157,8 @@ class SpectralDensity:
 
         Keys: ``lambda_min`` and ``lambda_max`` (extreme Ritz values), ``negative_mass``
         (:meth:`negative_mass`), ``mean_eigenvalue`` (tr(A)/n, the first moment) and
-        ``trace`` (n times it), ``n``, ``num_probes``, ``num_steps`` (the most Lanczos steps
+        ``trace`` (n times it: Hutchinson's estimate from the P probes, as noisy as P
+        probes make it), ``n``, ``num_probes``, ``num_steps`` (the most Lanczos steps
         of a probe) and ``num_products`` (all probes' steps). Saved as the ``summary`` of the
         ``.json`` (:meth:`save`).
         """
