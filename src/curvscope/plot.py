@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .linalg.density import SpectralDensity
+from .linalg.density import SpectralDensity, ghorbani_variance
 
 #: Floor of the log-scale panel: densities below it are drawn at it. PyHessian's density
 #: plot (Yao et al. 2020) adds 1e-7 before its log plot; clipping at the same level keeps
@@ -24,57 +24,106 @@ from .linalg.density import SpectralDensity
 DENSITY_FLOOR = 1e-7
 
 
+#: Panels of :func:`plot_density`: both side by side, or one of them.
+PANELS = ("both", "linear", "log")
+
+
 def plot_density(
-    density: SpectralDensity,
+    density: SpectralDensity | Sequence[SpectralDensity] | Mapping[str, SpectralDensity],
     path: str | os.PathLike[str] | None = None,
     top_eigenvalues: Sequence[float] | np.ndarray | None = None,
     sigma: float | None = None,
-    ax: Sequence[Axes] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     *,
+    labels: Sequence[str] | None = None,
+    colors: Sequence[str] | None = None,
+    panels: str = "both",
     top_label: str = "top eigenvalues",
     floor: float = DENSITY_FLOOR,
     num_points: int = 10_000,
     title: str | None = None,
     dpi: int = 150,
 ) -> Figure:
-    """Plot a spectral density on a linear and on a log scale, as Ghorbani et al. 2019 do.
+    """Plot one spectral density, or several overlaid, on a linear and on a log scale.
+
+    As Ghorbani et al. 2019 draw them. Several densities (two checkpoints, the Hessian and
+    the Gauss-Newton matrix, ...) share one grid and one kernel width, each in its own colour
+    with its label in the legend, so that their shapes can be compared.
 
     Args:
-        density: SLQ result (:func:`curvscope.spectral_density`).
+        density: SLQ result (:func:`curvscope.spectral_density`), a sequence of them, or
+            {label: result} (the keys are the labels).
         path: Save the figure there (PNG by default; the suffix picks the format).
-        top_eigenvalues: Eigenvalues to mark with vertical dashed lines on both panels
+        top_eigenvalues: Eigenvalues to mark with vertical dashed lines on every panel
             (e.g. ``top_eigenpairs(op, k).values``, or ``[density.lambda_max]``).
         sigma: Standard deviation of the Gaussian kernel, in eigenvalue units; default
-            sqrt(1e-5 * max(1, lambda_max - lambda_min)) (Ghorbani et al. 2019).
-        ax: Two axes (linear panel, log panel) to draw into; default a new 11 x 4 inch
-            figure with two panels side by side.
+            sqrt(1e-5 * max(1, lambda_max - lambda_min)) (Ghorbani et al. 2019), of the range
+            of all densities together when there are several.
+        ax: The axes to draw into, one per panel (two for "both": linear, then log); default
+            a new figure, 11 x 4 inches for two panels.
+        labels: Legend labels, one per density (default: the mapping's keys, else none for
+            one density and "density 1", "density 2", ... for several).
+        colors: Line colours, one per density (default: matplotlib's cycle C0, C1, ...).
+        panels: "both" (linear and log side by side), "linear" or "log".
         top_label: Legend entry of the vertical lines.
         floor: Smallest density drawn on the log panel (default :data:`DENSITY_FLOOR`).
         num_points: Points of the evaluation grid over [lambda_min, lambda_max] plus margins.
-        title: Figure title; default says n, probes and Lanczos steps.
+        title: Figure title; default says n, probes and Lanczos steps (one density) or the
+            labels (several).
         dpi: Resolution of the saved raster image.
 
     Returns:
         The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: No density, labels or colours not one per density, an unknown
+            ``panels``, ``ax`` not one axes per panel, or a floor that is not positive.
     """
+    names, densities = _named_densities(density, labels)
+    if colors is not None and len(colors) != len(densities):
+        raise ValueError(f"colors must be one per density ({len(densities)}), got {len(colors)}")
+    if panels not in PANELS:
+        raise ValueError(f"panels must be one of {', '.join(PANELS)}, got {panels!r}")
     if floor <= 0:
         raise ValueError(f"floor must be positive for a log scale, got {floor}")
+    kinds = ["linear", "log"] if panels == "both" else [panels]
     if ax is None:
-        figure = Figure(figsize=(11, 4), layout="constrained")
-        axes = figure.subplots(1, 2)
+        figure = Figure(figsize=(11 if len(kinds) == 2 else 7, 4), layout="constrained")
+        axes = list(np.atleast_1d(figure.subplots(1, len(kinds))))
     else:
-        axes = list(ax)
-        if len(axes) != 2:
-            raise ValueError(f"ax must be two axes (linear, log), got {len(axes)}")
+        axes = [ax] if isinstance(ax, Axes) else list(ax)
+        if len(axes) != len(kinds):
+            what = "two axes (linear, log)" if len(kinds) == 2 else f"one axes ({panels})"
+            raise ValueError(f"ax must be {what}, got {len(axes)}")
         figure = axes[0].get_figure()
 
-    grid, values = density.density(density.grid(num_points), sigma)
-    linear, log = axes
-    linear.plot(grid, values, color="C0", linewidth=1.0)
-    linear.set_ylabel("density")
-    log.semilogy(grid, np.maximum(values, floor), color="C0", linewidth=1.0)
-    log.set_ylabel(f"density (log scale, floor {floor:g})")
-    log.set_ylim(bottom=floor * 0.5)
+    if len(densities) == 1:
+        grid = densities[0].grid(num_points)
+    else:
+        low = min(d.lambda_min for d in densities)
+        high = max(d.lambda_max for d in densities)
+        if sigma is None:
+            sigma = float(np.sqrt(ghorbani_variance(low, high)))
+        margin = 5.0 * sigma
+        grid = np.linspace(low - margin, high + margin, num_points)
+    for i, (name, each) in enumerate(zip(names, densities, strict=True)):
+        _, values = each.density(grid, sigma)
+        color = colors[i] if colors is not None else f"C{i}"
+        for panel, kind in zip(axes, kinds, strict=True):
+            if kind == "linear":
+                panel.plot(grid, values, color=color, linewidth=1.0, label=name)
+            else:
+                panel.semilogy(
+                    grid, np.maximum(values, floor), color=color, linewidth=1.0, label=name
+                )
+    for panel, kind in zip(axes, kinds, strict=True):
+        if kind == "linear":
+            panel.set_ylabel("density")
+        else:
+            panel.set_ylabel(f"density (log scale, floor {floor:g})")
+            panel.set_ylim(bottom=floor * 0.5)
+        if len(kinds) == 2:
+            panel.set_title(f"{kind} scale", fontsize="medium")
 
     marks = [] if top_eigenvalues is None else np.atleast_1d(np.asarray(top_eigenvalues, float))
     for panel in axes:
@@ -83,33 +132,55 @@ def plot_density(
         for i, value in enumerate(marks):
             panel.axvline(
                 value,
-                color="C3",
+                color="C3" if len(densities) == 1 else "0.3",
                 linestyle="--",
                 linewidth=0.8,
                 label=top_label if i == 0 else None,
             )
-        if len(marks):
+        if len(marks) or any(name is not None for name in names):
             panel.legend(loc="upper right", fontsize="small")
-    linear.set_title("linear scale", fontsize="medium")
-    log.set_title("log scale", fontsize="medium")
     if title is None:
-        steps = int(np.max(density.num_steps)) if density.num_steps.size else 0
-        what = (
-            "Hessian eigenvalue"
-            if density.meta.get("operator") == "HessianOperator"
-            else "Eigenvalue"
-        )
-        title = (
-            f"{what} density (SLQ): n = {density.n:,}, "
-            f"{density.num_probes} probes x {steps} Lanczos steps"
-        )
+        first = densities[0]
+        hessian = first.meta.get("operator") == "HessianOperator"
+        what = "Hessian eigenvalue" if hessian else "Eigenvalue"
+        if len(densities) == 1:
+            steps = int(np.max(first.num_steps)) if first.num_steps.size else 0
+            title = (
+                f"{what} density (SLQ): n = {first.n:,}, "
+                f"{first.num_probes} probes x {steps} Lanczos steps"
+            )
+        else:
+            title = f"Eigenvalue densities (SLQ): {', '.join(map(str, names))}"
     if ax is None:
         figure.suptitle(title)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=dpi)
+    _save(figure, path, dpi)
     return figure
+
+
+def _named_densities(
+    density: SpectralDensity | Sequence[SpectralDensity] | Mapping[str, SpectralDensity],
+    labels: Sequence[str] | None,
+) -> tuple[list[str | None], list[SpectralDensity]]:
+    """(labels, densities) of :func:`plot_density`'s first argument, checked."""
+    if isinstance(density, SpectralDensity):
+        densities = [density]
+        default: list[str | None] = [None]
+    elif isinstance(density, Mapping):
+        densities = list(density.values())
+        default = [str(key) for key in density]
+    else:
+        densities = list(density)
+        default = [f"density {i}" for i in range(1, len(densities) + 1)]
+    if not densities:
+        raise ValueError("no densities to plot")
+    bad = [type(d).__name__ for d in densities if not isinstance(d, SpectralDensity)]
+    if bad:
+        raise ValueError(f"densities must be SpectralDensity results, got {', '.join(bad)}")
+    if labels is None:
+        return default, densities
+    if len(labels) != len(densities):
+        raise ValueError(f"labels must be one per density ({len(densities)}), got {len(labels)}")
+    return list(labels), densities
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Saving and loading small result objects: arrays in ``.npz``, metadata in ``.json``."""
+"""Saving and loading small result objects: arrays in ``.npz``, metadata in ``.json``.
+
+The ``.json`` of a result class also carries a ``summary`` object: the numbers a reader of the
+``.json`` alone wants (eigenvalues and residuals, a density's extreme Ritz values and negative
+mass, ...), copied from the arrays when the result is saved. The ``.npz`` stays the source of
+the arrays: ``load`` skips ``summary`` (files written before it existed load as before).
+"""
 
 from __future__ import annotations
 
@@ -135,7 +141,9 @@ class ResultFile:
 
     Every accessor raises a ValueError that names the file and the field and says what was
     expected. Metadata fields are taken out of :attr:`meta` as they are read, so what is left
-    afterwards is the result's free-form metadata.
+    afterwards is the result's free-form metadata. The ``summary`` field (numbers copied from
+    the arrays for readers of the ``.json``) is checked to be an object and left out: the
+    arrays are read from the ``.npz``.
 
     Args:
         path: ``x``, ``x.npz`` or ``x.json`` as for :func:`load_result`.
@@ -153,6 +161,11 @@ class ResultFile:
         self.npz_path, self.json_path = result_paths(path)
         self.arrays, self.meta = load_result(path)
         self.writer = writer
+        summary = self.meta.pop("summary", {})
+        if not isinstance(summary, dict):
+            raise ValueError(
+                f"{self.json_path}: field 'summary' must be a JSON object, got {summary!r}"
+            )
         found = self.meta.pop("kind", kind)
         if found != kind:
             raise ValueError(

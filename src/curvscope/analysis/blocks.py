@@ -330,7 +330,7 @@ def block_spectra(
             density.weights,
             density.num_steps,
             density.n,
-            {**density.meta, "group": name, "params": list(params)},
+            {**density.meta, "group": name, "params": list(params), "num_samples": op.num_samples},
         )
         structures[name] = spectrum_structure(densities[name], **dict(structure_kwargs or {}))
     meta = {

@@ -53,7 +53,11 @@ class GradientOverlap:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``path.npz`` (shares, eigenvalues) and ``path.json`` (the rest)."""
+        """Write ``path.npz`` (shares, eigenvalues) and ``path.json`` (the rest).
+
+        The ``.json`` also lists the eigenvalues and shares as ``summary`` (``load`` reads them
+        from the ``.npz``).
+        """
         arrays = {"shares": self.shares, "eigenvalues": self.eigenvalues}
         meta = {
             **self.meta,
@@ -63,6 +67,7 @@ class GradientOverlap:
             "baseline": self.baseline,
             "curvature": self.curvature,
             "gradient_norm": self.gradient_norm,
+            "summary": {"eigenvalues": self.eigenvalues.tolist(), "shares": self.shares.tolist()},
             "kind": "GradientOverlap",
         }
         return save_result(path, arrays, meta)

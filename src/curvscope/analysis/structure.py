@@ -120,10 +120,15 @@ class SpectrumStructure:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``path.npz`` (the outlier arrays) and ``path.json`` (everything else)."""
+        """Write ``path.npz`` (the outlier arrays) and ``path.json`` (everything else).
+
+        The ``.json`` also lists the outlier arrays as ``summary`` (``load`` reads them from
+        the ``.npz``).
+        """
         arrays = {name: getattr(self, name) for name in _ARRAYS}
         meta = {k: v for k, v in self.to_dict().items() if k not in _ARRAYS}
-        return save_result(path, arrays, {**meta, "kind": "SpectrumStructure"})
+        summary = {name: getattr(self, name).tolist() for name in _ARRAYS}
+        return save_result(path, arrays, {**meta, "summary": summary, "kind": "SpectrumStructure"})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpectrumStructure:

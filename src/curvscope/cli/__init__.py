@@ -2,7 +2,8 @@
 
 Hessian density, top eigenpairs and trace of a model's loss, its split into Gauss-Newton and class
 terms, the gradient's overlap with the top eigenspace, per-layer densities, and its curvature
-tracked during training (``track``) with the figures of a run (``plot``).
+tracked during training (``track``) with the figures of a run (``plot``); saved densities drawn
+together (``compare``).
 
 Models, data and losses are given as import paths ``package.module:name`` (as uvicorn and
 Lightning take them); the built-in digits problem of :mod:`curvscope.zoo` is the default.
@@ -14,9 +15,9 @@ Layout: one module per command (:data:`COMMANDS`, each with ``register(commands)
 ``run(args)``; a new command is one module and one entry there), and the modules they share:
 :mod:`~curvscope.cli.problem` (the problem from its import paths, :mod:`.imports`,
 :mod:`.explain`), :mod:`~curvscope.cli.options` (option groups, results folder, progress, the
-rank-0 policy), :mod:`.report` (printed text), :mod:`.errors`, :mod:`.signals`,
-:mod:`.threads`. No command imports another, and nothing outside this package imports it
-but :mod:`curvscope.program`, the program itself.
+rank-0 policy), :mod:`.jsonout` (--json), :mod:`.report` (printed text), :mod:`.errors`,
+:mod:`.signals`, :mod:`.threads`. No command imports another, and nothing outside this package
+imports it but :mod:`curvscope.program`, the program itself.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import torch
 
 from .._version import __version__
 from ..distributed import init_from_environment
-from . import blocks, decompose, density, explain, overlap, plot, top, trace, track
+from . import blocks, compare, decompose, density, explain, overlap, plot, top, trace, track
 from .errors import PROG, CLIError, is_user_error, one_line
+from .jsonout import json_output
 from .options import FORMATTER, CLIParser, rank0_output
 from .signals import Signals, Terminated, interrupted
 from .threads import num_threads
 
 #: The commands, in the order ``curvscope --help`` lists them.
-COMMANDS = (density, top, trace, track, plot, decompose, overlap, blocks)
+COMMANDS = (density, top, trace, track, plot, decompose, overlap, blocks, compare)
 
 MAIN_EPILOG = """\
 examples:
@@ -46,6 +48,7 @@ examples:
   curvscope trace --probes 60                # tr(H) by Hutch++
   curvscope track --out runs/gd              # train while tracking: edge of stability
   curvscope plot runs/gd                     # sharpness, density evolution, traces
+  curvscope compare results/a results/b      # two saved densities in one figure
   curvscope density --model mymodels:build --data mymodels:batches --loss mse
 
 Models, data and losses are import paths package.module:name; a callable is called with no
@@ -122,7 +125,7 @@ def _run_main(argv: list[str]) -> int:
             torch.set_num_threads(threads)
         default_threads = threads is not None and not getattr(parsed, "threads", None)
         args = argparse.Namespace(**vars(parsed), default_threads=default_threads)
-        with rank0_output():
+        with rank0_output(), json_output(args):
             return int(args.run(args))
     except SystemExit as stop:  # --help and --version
         return stop.code if isinstance(stop.code, int) else 0

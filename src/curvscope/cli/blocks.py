@@ -11,7 +11,7 @@ import csv
 import time
 from collections.abc import Sequence
 
-from . import options, report
+from . import jsonout, options, report
 from .errors import CLIError
 from .problem import DIGITS, ProblemSpec, load_problem, operator_class
 
@@ -133,4 +133,30 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join("  " + line for line in table.splitlines()))
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
+    first = result.densities[result.names[0]]
+    blocks = {
+        name: {
+            "params": list(result.groups[name]),
+            "density": result.densities[name].summary(),
+            "structure": result.structures[name].to_dict(),
+        }
+        for name in result.names
+    }
+    jsonout.emit(
+        args,
+        {
+            "problem": {
+                **{key: getattr(problem.spec, key) for key in ("model", "data", "loss", "seed")},
+                "params": None,
+                "operator": result.meta["operator"],
+                "n": total,
+                "num_samples": first.meta.get("num_samples"),
+                "dtype": first.meta.get("operator_dtype"),
+                "device": str(problem.device or next(problem.model.parameters()).device),
+            },
+            "blocks": blocks,
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

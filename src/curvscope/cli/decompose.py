@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..linalg import SpectralDensity
 from ..operators.batches import default_unpack
-from . import options, report
+from . import jsonout, options, report
 from .errors import PROG, CLIError, one_line
 from .explain import describe_tensors, first_batch
 from .problem import DIGITS, LoadedProblem, ProblemSpec, load_problem, num_outputs
@@ -237,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
         "n": hessian.num_params,
         "num_samples": hessian.num_samples,
         "wall_time_s": time.perf_counter() - started,
+        "summary": {
+            "densities": {name: d.summary() for name, d in densities.items()},
+            "exact_eigenvalues": {name: values.tolist() for name, values in exact.items()},
+        },
     }
     files += save_result(out / "decompose", arrays, summary)
     png = out / "decompose.png"
@@ -286,5 +290,21 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  wrote    {len(files)} files in {out}: density_TERM and structure_TERM (.npz/.json) "
         "per term, decompose.npz/.json, decompose.png"
+    )
+    terms = {
+        name: {"density": densities[name].summary(), "structure": structures[name].to_dict()}
+        for name in densities
+    }
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.problem_fields(problem, hessian),
+            "class_loss": kind,
+            "terms": terms,
+            "residual_over_ggn": residual_ratio,
+            "exact_eigenvalues": summary["summary"]["exact_eigenvalues"],
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
     )
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..distributed import is_distributed, rank
-from . import options, report
+from . import jsonout, options, report
 from .errors import PROG
 from .problem import DIGITS, ProblemSpec, load_problem
 
@@ -199,10 +199,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"  top {args.mark_top}    {report.values(pairs.values)}")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
+    structure = None
     if args.structure:
         structure = spectrum_structure(density, gap_factor=STRUCTURE_GAP_FACTOR)
-        files = structure.save(out / "density.structure")
+        written = structure.save(out / "density.structure")
         header = f"structure (gap factor {STRUCTURE_GAP_FACTOR:g})"
         print(report.structure_block(structure, header))
-        print(f"  wrote    {report.paths(*files)}")
+        print(f"  wrote    {report.paths(*written)}")
+        files += written
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.problem_fields(problem, op),
+            "density": density.summary(),
+            "top": pairs.summary() if args.mark_top else None,
+            "structure": structure.to_dict() if structure is not None else None,
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_distributed, is_main_process
 from .errors import CLIError, one_line
+from .jsonout import json_option
 from .problem import DTYPES, KEEP_GRAPHS, ProblemDefaults
 
 #: Default residual tolerance of eigenpairs per product dtype (float32 products are noisy at
@@ -158,6 +159,7 @@ def problem_parser(
     group.add_argument(
         "--no-progress", action="store_true", help="no progress bar (shown on a terminal only)"
     )
+    json_option(group)
     group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return common
 

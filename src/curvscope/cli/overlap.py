@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..linalg import Eigenpairs
-from . import options, report
+from . import jsonout, options, report
 from .errors import CLIError, one_line
 from .problem import DIGITS, ProblemSpec, load_problem, num_outputs, operator_class
 
@@ -168,6 +168,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"  products {pairs.meta['num_products']:,} for the eigenpairs (tol {tol:g})")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.problem_fields(problem, op),
+            "overlap": {
+                "k": k,
+                "overlap": result.overlap,
+                "baseline": result.baseline,
+                "curvature": result.curvature,
+                "gradient_norm": result.gradient_norm,
+                "eigenvalues": result.eigenvalues,
+                "shares": result.shares,
+                "residuals": pairs.residuals[:k],
+                "converged": pairs.converged[:k],
+                "which": args.which,
+                "tol": tol,
+                "num_products": pairs.meta["num_products"],
+            },
+            "subspace": None
+            if subspace is None
+            else {
+                "compare": str(compare[1]),
+                "overlap": subspace,
+                "k": extra["subspace_k"],
+                "baseline": extra["subspace_baseline"],
+            },
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     if not pairs.converged[:k].all():
         print(
             "curvscope: warning: some eigenpairs did not reach the tolerance: the shares of "

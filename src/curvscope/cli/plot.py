@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from . import options, report
+from . import jsonout, options, report
 from .errors import PROG, CLIError
 
 
@@ -39,6 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="accepted for symmetry; plot draws no bar"
     )
+    jsonout.json_option(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.set_defaults(run=run)
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..plot import plot_density_evolution, plot_sharpness, plot_traces
     from ..tracking import load_run
 
+    started = time.perf_counter()
     run_dir = Path(args.run_dir)
     if not (run_dir / "run.json").is_file():
         raise CLIError(
@@ -88,4 +91,14 @@ def run(args: argparse.Namespace) -> int:
         f"(steps {tracked.steps[0]} to {tracked.steps[-1]})"
     )
     print(f"  wrote    {report.paths(*written)}")
+    jsonout.emit(
+        args,
+        {
+            "run_dir": run_dir,
+            "num_snapshots": len(tracked),
+            "steps": tracked.steps,
+            "files": written,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from . import options, report
+from . import jsonout, options, report
 from .problem import DIGITS, ProblemSpec, load_problem
 
 
@@ -70,6 +70,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"  products {pairs.meta['num_products']:,} Hessian-vector products")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.problem_fields(problem, op),
+            "eigenpairs": {
+                **pairs.summary(),
+                "which": args.which,
+                "tol": tol,
+                "num_products": pairs.meta["num_products"],
+            },
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     if not pairs.converged.all():
         print(
             "curvscope: warning: some pairs did not reach the tolerance: raise --tol, or use "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import options, report
+from . import jsonout, options, report
 from .problem import DIGITS, ProblemSpec, load_problem
 
 
@@ -68,4 +68,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"  tr(H)/n  {estimate.value / op.num_params:.6g} (mean eigenvalue)")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.problem_fields(problem, op),
+            "trace": {
+                "value": estimate.value,
+                "std_error": estimate.std_error,
+                "per_parameter": estimate.value / op.num_params,
+                "method": args.method,
+                "num_products": estimate.meta["num_products"],
+            },
+            "files": files,
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tracking.training import DEFAULT_LR, DEFAULT_MOMENTUM, OPTIMIZERS
-from . import options
+from . import jsonout, options
 from .errors import CLIError, one_line
 from .problem import KEEP_GRAPHS, ProblemDefaults, ProblemSpec, load_problem
 
@@ -376,4 +376,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tensorboard:
         print(f"  view      tensorboard --logdir {shlex.quote(args.tensorboard)}")
     print(f"run folder: {out}")
+    jsonout.emit(
+        args,
+        {
+            "problem": jsonout.model_fields(problem, s.params, train["num_samples"]),
+            "training": {**train, "steps": args.steps, "schedule": schedule.spec, "measure": names},
+            **jsonout.run_fields(out, args),
+            "snapshots_taken": snapshots,
+            "files": [out / "run.json"],
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

@@ -147,10 +147,44 @@ class SpectralDensity:
         nodes, weights = self.flat()
         return float(np.sum(weights * nodes**power))
 
+    def negative_mass(self) -> float:
+        """Quadrature mass on Ritz values below 0: the estimated share of negative eigenvalues."""
+        nodes, weights = self.flat()
+        return float(weights[nodes < 0].sum())
+
+    def summary(self) -> dict[str, Any]:
+        """The density's numbers as a JSON-able dict, from the stored quadrature (no products).
+
+        Keys: ``lambda_min`` and ``lambda_max`` (extreme Ritz values), ``negative_mass``
+        (:meth:`negative_mass`), ``mean_eigenvalue`` (tr(A)/n, the first moment) and
+        ``trace`` (n times it: Hutchinson's estimate from the P probes, as noisy as P
+        probes make it), ``n``, ``num_probes``, ``num_steps`` (the most Lanczos steps
+        of a probe) and ``num_products`` (all probes' steps). Saved as the ``summary`` of the
+        ``.json`` (:meth:`save`).
+        """
+        finite = bool(np.isfinite(self.nodes).any())
+        mean = self.moment(1) if finite else math.nan
+        return {
+            "lambda_min": self.lambda_min if finite else math.nan,
+            "lambda_max": self.lambda_max if finite else math.nan,
+            "negative_mass": self.negative_mass(),
+            "mean_eigenvalue": mean,
+            "trace": self.n * mean,
+            "n": self.n,
+            "num_probes": self.num_probes,
+            "num_steps": int(self.num_steps.max()) if self.num_steps.size else 0,
+            "num_products": int(self.num_steps.sum()),
+        }
+
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``path.npz`` (nodes, weights, num_steps) and ``path.json`` (metadata)."""
+        """Write ``path.npz`` (nodes, weights, num_steps) and ``path.json`` (metadata).
+
+        The ``.json`` also carries :meth:`summary` as ``summary`` (``load`` reads the arrays
+        from the ``.npz`` and skips it).
+        """
         arrays = {"nodes": self.nodes, "weights": self.weights, "num_steps": self.num_steps}
-        return save_result(path, arrays, {**self.meta, "n": self.n, "kind": "SpectralDensity"})
+        meta = {**self.meta, "n": self.n, "summary": self.summary(), "kind": "SpectralDensity"}
+        return save_result(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpectralDensity:

@@ -64,12 +64,29 @@ class Eigenpairs:
     converged: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """``values``, ``residuals`` and ``converged`` as JSON lists, and ``k``.
+
+        Saved as the ``summary`` of the ``.json`` (:meth:`save`).
+        """
+        return {
+            "k": int(self.values.size),
+            "values": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "converged": self.converged.tolist(),
+        }
+
     def save(self, path: str | os.PathLike[str], with_vectors: bool = True) -> tuple[Path, Path]:
-        """Write ``path.npz`` (values, residuals, converged, vectors) and ``path.json`` (meta)."""
+        """Write ``path.npz`` (values, residuals, converged, vectors) and ``path.json`` (meta).
+
+        The ``.json`` also carries :meth:`summary` as ``summary`` (``load`` reads the arrays
+        from the ``.npz`` and skips it).
+        """
         arrays = {"values": self.values, "residuals": self.residuals, "converged": self.converged}
         if with_vectors:
             arrays["vectors"] = self.vectors
-        return save_result(path, arrays, {**self.meta, "kind": "Eigenpairs"})
+        meta = {**self.meta, "summary": self.summary(), "kind": "Eigenpairs"}
+        return save_result(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Eigenpairs:
