@@ -30,6 +30,9 @@ _EXPORTS = {
     "trace": "linalg",
     "CurvatureOperator": "operators",
     "HessianOperator": "operators",
+    # Fisher information (issue 13)
+    "EmpiricalFisherOperator": "operators",
+    "FisherOperator": "operators",
     "plot_density": "plot",
 }
 
@@ -46,7 +49,12 @@ if TYPE_CHECKING:
         top_eigenpairs,
         trace,
     )
-    from .operators import CurvatureOperator, HessianOperator
+    from .operators import (
+        CurvatureOperator,
+        EmpiricalFisherOperator,
+        FisherOperator,
+        HessianOperator,
+    )
     from .plot import plot_density
 
 
@@ -68,6 +76,8 @@ __all__ = [
     "CurvatureOperator",
     "DenseOperator",
     "Eigenpairs",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
     "HessianOperator",
     "LanczosResult",
     "SpectralDensity",
