@@ -31,7 +31,7 @@ CE_CASES = [name for name in CASE_NAMES if name.endswith("_ce")]
 MSE_CASES = [name for name in CASE_NAMES if name.endswith("_mse")]
 
 
-# ----- dense references ------------------------------------------------------------------------
+# ----- dense references --------------------------------------------------------------------------
 
 
 def per_sample_gradients(case, labels_of) -> list[torch.Tensor]:
@@ -124,7 +124,7 @@ def test_empirical_fisher_is_the_gradient_outer_product_for_one_sample_batches()
     assert rel_err(op.to_dense(), G.T @ G / len(batches)) <= 1e-12
 
 
-# ----- the exact Fisher ----------------------------------------------------------------------------
+# ----- the exact Fisher --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -253,7 +253,7 @@ def test_mc_fisher_converges_to_the_exact_one_at_the_mc_rate(name):
         assert 0.25 <= ratio <= 4.0, (S, ratio)
 
 
-# ----- a fixed matrix: deterministic, seeded, and nothing else moves ------------------------------
+# ----- a fixed matrix: deterministic, seeded, and nothing else moves -----------------------------
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -349,7 +349,7 @@ def test_exact_fisher_and_empirical_fisher_accept_a_shuffling_loader():
         assert rel_err(op.to_dense(), reference) <= 1e-12
 
 
-# ----- losses: which ones, and clear refusals -----------------------------------------------------
+# ----- losses: which ones, and clear refusals ----------------------------------------------------
 
 
 def test_loss_kinds_are_read_from_known_losses():
