@@ -35,6 +35,9 @@ _EXPORTS = {
     "to_scipy": "linalg",
     "CurvatureOperator": "operators",
     "HessianOperator": "operators",
+    # Fisher information (issue 13)
+    "EmpiricalFisherOperator": "operators",
+    "FisherOperator": "operators",
     "plot_density": "plot",
 }
 
@@ -55,7 +58,12 @@ if TYPE_CHECKING:
         top_eigenpairs,
         trace,
     )
-    from .operators import CurvatureOperator, HessianOperator
+    from .operators import (
+        CurvatureOperator,
+        EmpiricalFisherOperator,
+        FisherOperator,
+        HessianOperator,
+    )
     from .plot import plot_density
 
 
@@ -78,6 +86,8 @@ __all__ = [
     "DenseOperator",
     "DiagonalEstimate",
     "Eigenpairs",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
     "HessianOperator",
     "LanczosResult",
     "SpectralDensity",

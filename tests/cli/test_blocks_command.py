@@ -49,3 +49,21 @@ def test_parse_groups():
 def test_bad_arguments_exit_2_with_one_line(tmp_path, structure_module, args, message):
     full = [args[0], *PROBLEM, *args[1:]] if "--model" not in args else args
     assert_one_line_error(*run(*full, "--out", str(tmp_path)), message)
+
+
+@pytest.mark.parametrize(
+    "operator, name, what",
+    [
+        ("fisher", "FisherOperator", "Fisher"),
+        ("empirical-fisher", "EmpiricalFisherOperator", "empirical Fisher"),
+    ],
+)
+def test_blocks_of_the_fisher(tmp_path, structure_module, operator, name, what):
+    args = ["--group", "head=2", "--operator", operator, "--out", str(tmp_path)]
+    code, out, err = run("blocks", *PROBLEM, *TINY, *args)
+    assert code == 0, err
+    table = BlockSpectra.load(tmp_path / "blocks")
+    assert table.meta["operator"] == name
+    assert f"1 diagonal {what} blocks" in out
+    # a Fisher is positive semi-definite: no negative mass beyond rounding
+    assert table.structures["head"].negative_mass_band == 0.0

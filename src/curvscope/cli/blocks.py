@@ -46,7 +46,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "(every parameter under it); repeat for more blocks (default: one per layer)",
     )
     options.operator_option(
-        parser, "blocks of the Hessian or of the Gauss-Newton matrix (default: hessian)"
+        parser,
+        "blocks of the Hessian, the Gauss-Newton matrix, the Fisher (one sampled label per "
+        "sample, seed 0) or the empirical Fisher (default: hessian)",
     )
     parser.set_defaults(run=run)
 
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         title=f"{args.operator} blocks: {args.probes} probes x {args.iters} Lanczos steps each",
     )
     files += [text, table_csv, png]
-    what = "Gauss-Newton" if args.operator == "ggn" else "Hessian"
+    kinds = {"ggn": "Gauss-Newton", "fisher": "Fisher", "empirical-fisher": "empirical Fisher"}
+    what = kinds.get(args.operator, "Hessian")
     total = sum(s.n for s in result.structures.values())
     print(
         f"curvscope blocks: {len(result)} diagonal {what} blocks of {problem.spec.loss}, "

@@ -219,11 +219,12 @@ def tolerance(args: argparse.Namespace, dtype: torch.dtype) -> float:
 
 
 def operator_option(parser: argparse.ArgumentParser, what: str) -> None:
-    """--operator hessian|ggn (:func:`~curvscope.cli.problem.operator_class`).
+    """--operator hessian|ggn|fisher|empirical-fisher (:func:`~.problem.operator_class`).
 
     ``what`` says what it is used for.
     """
-    parser.add_argument("--operator", choices=["hessian", "ggn"], default="hessian", help=what)
+    choices = ["hessian", "ggn", "fisher", "empirical-fisher"]
+    parser.add_argument("--operator", choices=choices, default="hessian", help=what)
 
 
 # --------------------------------------------------------------------------- output

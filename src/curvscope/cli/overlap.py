@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     plot_overlap(result, png)
     files.append(png)
 
-    what = "Gauss-Newton G" if args.operator == "ggn" else "Hessian"
+    kinds = {"ggn": "Gauss-Newton G", "fisher": "Fisher", "empirical-fisher": "empirical Fisher"}
+    what = kinds.get(args.operator, "Hessian")
     print(f"curvscope overlap: top-{k} eigenspace of the {problem.describe(op, what)}")
     print(f"  gradient ||g|| = {result.gradient_norm:.6g} (full data, mean loss)")
     print(

@@ -248,7 +248,16 @@ def num_outputs(op: Any) -> int | None:
 
 
 def operator_class(name: str) -> type:
-    """The operator class of --operator: "hessian" or "ggn" (Gauss-Newton)."""
-    from ..operators import GGNOperator, HessianOperator
+    """The operator class of --operator: "hessian", "ggn" (Gauss-Newton), "fisher".
 
-    return {"hessian": HessianOperator, "ggn": GGNOperator}[name]
+    "fisher" is the Monte-Carlo Fisher with one label per sample, seed 0; "empirical-fisher"
+    uses the true labels (docs/fisher.md).
+    """
+    from ..operators import EmpiricalFisherOperator, FisherOperator, GGNOperator, HessianOperator
+
+    return {
+        "hessian": HessianOperator,
+        "ggn": GGNOperator,
+        "fisher": FisherOperator,
+        "empirical-fisher": EmpiricalFisherOperator,
+    }[name]
