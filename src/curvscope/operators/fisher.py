@@ -261,10 +261,11 @@ class FisherOperator(PerSampleOuterProducts):
     entrywise variance O(1/(N S)). ``mode="exact"`` takes the expectation in closed form
     (diag(p) - p p^T for cross-entropy, (2/D) I for MSE). Neither touches the global RNG.
 
+    ``model``, ``loss_fn``, ``data``, ``params``, ``dtype``, ``device``, ``unpack_batch``,
+    ``check_determinism``, ``matmat_mode``, ``keep_graphs``, ``graph_memory`` and
+    ``allow_tf32`` are those of :class:`~curvscope.operators.hessian.HessianOperator`.
+
     Args:
-        model, loss_fn, data, params, dtype, device, unpack_batch, check_determinism,
-            matmat_mode, keep_graphs, graph_memory, allow_tf32: As
-            :class:`~curvscope.operators.hessian.HessianOperator`.
         loss: The likelihood ``loss_fn`` computes: "cross_entropy" (logits of shape (B, C),
             C >= 2) or "mse" (``F.mse_loss``, mean over all entries; outputs of any shape
             (B, ...)). Default: read from ``loss_fn`` (``F.cross_entropy``,
