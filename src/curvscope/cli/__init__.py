@@ -30,14 +30,25 @@ import torch
 
 from .._version import __version__
 from ..distributed import init_from_environment
-from . import blocks, decompose, density, explain, overlap, plot, top, trace, track
+from . import (
+    blocks,
+    decompose,
+    density,
+    explain,
+    overlap,
+    plot,
+    report_command,
+    top,
+    trace,
+    track,
+)
 from .errors import PROG, CLIError, is_user_error, one_line
 from .options import FORMATTER, CLIParser, rank0_output
 from .signals import Signals, Terminated, interrupted
 from .threads import num_threads
 
 #: The commands, in the order ``curvscope --help`` lists them.
-COMMANDS = (density, top, trace, track, plot, decompose, overlap, blocks)
+COMMANDS = (density, top, trace, track, plot, decompose, overlap, blocks, report_command)
 
 MAIN_EPILOG = """\
 examples:
@@ -46,6 +57,7 @@ examples:
   curvscope trace --probes 60                # tr(H) by Hutch++
   curvscope track --out runs/gd              # train while tracking: edge of stability
   curvscope plot runs/gd                     # sharpness, density evolution, traces
+  curvscope report runs/gd                   # one self-contained HTML page of a folder
   curvscope density --model mymodels:build --data mymodels:batches --loss mse
 
 Models, data and losses are import paths package.module:name; a callable is called with no

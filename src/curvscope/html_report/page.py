@@ -52,7 +52,7 @@ table { border-collapse: collapse; margin: 6px 0 10px 0; font-size: 0.92em; }
 th, td { padding: 3px 10px; border-bottom: 1px solid #e6e9ed; text-align: left;
          vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums;
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap;
          font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 table.facts th { background: none; font-weight: 500; color: #5b6570; white-space: nowrap; }
 .note { color: #5b6570; font-size: 0.92em; }

@@ -373,11 +373,14 @@ def decompose_section(folder: Path, root: Path, dpi: int = 100) -> tuple[Section
         notes,
     )
     tables = [structures_table(structures, "Structure of each term", labels=TERM_LABELS)]
-    exact = [
-        (key[: -len("_eigenvalues")], values)
-        for key, values in sorted(arrays.items())
-        if key.endswith("_eigenvalues")
-    ]
+    exact = sorted(
+        (
+            (key[: -len("_eigenvalues")], values)
+            for key, values in arrays.items()
+            if key.endswith("_eigenvalues")
+        ),
+        key=lambda item: _term_order(item[0]),
+    )
     if exact:
         tables.append(
             Table(

@@ -99,7 +99,7 @@ def run_sections(path: Path, root: Path, dpi: int = 100) -> tuple[list[Section],
         sections.append(
             density_section(
                 density,
-                f"{source}/snapshots/step {last}",
+                _rel(run.snapshot_dir(last) / "density.npz", root),
                 dpi=dpi,
                 title=f"Density at step {last} (last snapshot with one)",
             )
@@ -110,7 +110,7 @@ def run_sections(path: Path, root: Path, dpi: int = 100) -> tuple[list[Section],
         sections.append(
             eigenpairs_section(
                 pairs,
-                f"{source}/snapshots/step {last}",
+                _rel(run.snapshot_dir(last) / "top.npz", root),
                 title=f"Top eigenvalues at step {last} (last snapshot)",
             )
         )
@@ -293,4 +293,4 @@ def _rel(path: Path, root: Path) -> str:
         rel = str(path.relative_to(root))
     except ValueError:
         return str(path)
-    return "." if rel == "." else rel
+    return "" if rel == "." else rel
