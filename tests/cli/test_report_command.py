@@ -160,7 +160,7 @@ def test_run_page(run_report, tracked):
         for v, e in zip(run.scalars["trace"], run.scalars["trace_std_error"], strict=True)
     ]
     pairs = run.load(4, "top")
-    top = page.sections[2].tables["1 largest eigenvalues"]
+    top = page.sections[2].tables["1 largest eigenvalue"]
     assert top[1][1] == number(pairs.values[0], 12)
     assert out.startswith("curvscope report: run folder ")
 

@@ -243,7 +243,7 @@ def eigenpairs_section(pairs: Eigenpairs, source: str, title: str | None = None)
     which = pairs.meta.get("which", "largest")
     k = int(pairs.values.size)
     n = pairs.vectors.shape[0] if pairs.vectors.size else None
-    summary = f"The {k} {which} eigenvalues of the {word}"
+    summary = f"The {k} {which} eigenvalue{'' if k == 1 else 's'} of the {word}"
     if "tol" in pairs.meta:
         summary += f", each driven to a relative residual of {number(pairs.meta['tol'], 3)}"
     return Section(
@@ -251,7 +251,7 @@ def eigenpairs_section(pairs: Eigenpairs, source: str, title: str | None = None)
         source,
         summary + ".",
         facts(pairs.meta, n=n),
-        tables=[eigenpairs_table(pairs, f"{k} {which} eigenvalues")],
+        tables=[eigenpairs_table(pairs, f"{k} {which} eigenvalue{'' if k == 1 else 's'}")],
         meta={**pairs.meta, "kind": "Eigenpairs"},
     )
 
