@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from clitools import ALL, SMALL, TRACK, run_one_thread
+from clitools import ALL, HOSTILE, SMALL, TRACK, run_one_thread
 
 # A tiny problem whose Hessian we can build densely: a 3 -> 3 linear layer plus bias (n = 12)
 # and a 3 -> 1 head (n = 4) with a softplus in between, MSE loss on 20 samples in 3 batches.
@@ -157,10 +157,6 @@ def all_results(structure_module, tmp_path_factory):
         code, _, err = run_one_thread(command, *STRUCTURE, *slq, *extra, "--out", out)
         assert code == 0, err
     return folder
-
-
-#: Text that would run code if a page inserted it unescaped.
-HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & "q" \'a\''
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from chromium import Browser, find_chromium, in_ci
-from conftest import HOSTILE
+from clitools import HOSTILE
 from htmlpage import parse
 
 from curvscope.html_report.page import png_size

@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run_one_thread
-from conftest import HOSTILE
+from clitools import HOSTILE, assert_one_line_error, run_one_thread
 from htmlpage import image_bytes, parse, rows
 
 from curvscope.analysis import BlockSpectra, GradientOverlap, SpectrumStructure
