@@ -26,8 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "folders: what was measured and on what (model, n, samples, dtype, versions, wall "
             "time), the figures, the tables (eigenvalues with residuals, trace with standard "
             "error, structure: outliers, bulk edges, negative mass) and, for a run, the "
-            "evolution figures and a table of the snapshots. Nothing is recomputed: no model is "
-            "loaded."
+            "evolution figures and a table of the snapshots. Nothing is measured again: no "
+            "model is loaded."
         ),
         epilog="examples:\n"
         "  curvscope report results/density\n"

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from ..tracking.store import RUN_FILE
-from .page import Report, render
-from .results import folder_sections, is_blocks_folder
+from .page import Report, Section, render
+from .results import PAGE_ORDER, folder_sections, is_blocks_folder
 from .runs import run_sections
 
 #: What the error for a folder without results tells the user to pass.
@@ -53,7 +53,7 @@ def build_report(path: str | os.PathLike[str], title: str | None = None, dpi: in
         return Report(title, path, "run", sections, problems=problems)
     sections, skipped = folder_sections(path, path, dpi)
     problems: list[str] = []
-    nested = False
+    groups: list[list[Section]] = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name == "blocks" and is_blocks_folder(sub):
             continue  # shown with its parent, curvscope blocks' --out
@@ -64,9 +64,11 @@ def build_report(path: str | os.PathLike[str], title: str | None = None, dpi: in
         else:
             found, skipped_here = folder_sections(sub, path, dpi)
         if found:
-            sections += found
+            groups.append(found)
             skipped += skipped_here
-            nested = True
+    nested = bool(groups)
+    for group in sorted(groups, key=_rank):  # density, top, trace, ..., blocks, runs
+        sections += group
     if not sections:
         detail = f" ({len(skipped)} file(s) not results: {skipped[0]})" if skipped else ""
         raise ValueError(f"{path} holds no curvscope results{detail}: {WHAT_TO_PASS}")
@@ -110,3 +112,12 @@ def write_report(
         Path(tmp).unlink(missing_ok=True)
         raise
     return out, report
+
+
+def _rank(sections: list[Section]) -> int:
+    """Place of a folder's sections on the page: by the last of their kinds in :data:`PAGE_ORDER`.
+
+    (overlap's folder holds eigenpairs and the overlap: it goes with the overlaps.)
+    """
+    kinds = [section.kind for section in sections]
+    return max((PAGE_ORDER.index(k) for k in kinds if k in PAGE_ORDER), default=len(PAGE_ORDER))

@@ -115,6 +115,8 @@ class Section:
         tables: Tables, after the figures.
         notes: Lines after the tables (warnings, what was left out).
         meta: All metadata of the result, shown folded.
+        kind: What it shows, for the order of a page of several folders: "density",
+            "eigenpairs", "trace", "overlap", "decompose", "blocks", "structure" or "run".
     """
 
     title: str
@@ -125,6 +127,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""
 
 
 @dataclass

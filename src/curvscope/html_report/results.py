@@ -47,6 +47,18 @@ OPERATORS = {
 
 #: Kinds whose files make a section of their own, in page order.
 ORDER = ("SpectralDensity", "Eigenpairs", "Trace", "GradientOverlap", "Decomposition")
+#: Section kinds (:attr:`~.page.Section.kind`) by result kind.
+SECTION_KINDS = {
+    "SpectralDensity": "density",
+    "Eigenpairs": "eigenpairs",
+    "Trace": "trace",
+    "GradientOverlap": "overlap",
+    "Decomposition": "decompose",
+    "BlockSpectra": "blocks",
+    "SpectrumStructure": "structure",
+}
+#: Order of the folders on a page of several: by the last kind of their sections here.
+PAGE_ORDER = (*SECTION_KINDS.values(), "run")
 
 
 def operator_words(meta: dict[str, Any]) -> tuple[str, str]:
@@ -151,6 +163,8 @@ def folder_sections(folder: Path, root: Path, dpi: int = 100) -> tuple[list[Sect
     for stem, kind in sorted(kinds.items()):
         if stem not in used:
             skipped.append(f"{_rel(folder / f'{stem}.json', root)}: kind {kind!r} is not shown")
+    for section in sections + last:
+        section.kind = SECTION_KINDS.get(section.meta.get("kind", ""), "structure")
     return sections + last, skipped
 
 
@@ -273,7 +287,12 @@ def trace_section(estimate: TraceEstimate, source: str) -> Section:
         summary,
         facts(estimate.meta),
         tables=[trace_table(estimate, n if isinstance(n, int) else None, symbol)],
-        meta={**estimate.meta, "value": estimate.value, "std_error": estimate.std_error},
+        meta={
+            **estimate.meta,
+            "value": estimate.value,
+            "std_error": estimate.std_error,
+            "kind": "Trace",
+        },
     )
 
 

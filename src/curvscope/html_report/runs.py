@@ -114,6 +114,8 @@ def run_sections(path: Path, root: Path, dpi: int = 100) -> tuple[list[Section],
                 title=f"Top eigenvalues at step {last} (last snapshot)",
             )
         )
+    for section in sections:
+        section.kind = "run"
     return sections, [str(problem) for problem in run.problems]
 
 
