@@ -117,6 +117,7 @@ LAYERS = {
     "curvscope.analysis": 3,
     "curvscope.tracking": 4,
     "curvscope.plot": 4,
+    "curvscope.html_report": 4,
     "curvscope.cli": 5,
     "curvscope.program": 6,
     "curvscope.__main__": 6,

@@ -30,6 +30,8 @@ ALL = "top,stability,trace,density,ntk"
 #: track's one-output problem (a 64-8-1 tanh MLP regressing the sign target of 120 digits).
 SIGN = ["--model", "trackmod:sign_model", "--data", "trackmod:sign_data", "--loss", "mse"]
 SMALL = ["--density-iters", "6", "--density-probes", "2", "--trace-probes", "12"]
+#: Text that would run code if a report page inserted it unescaped (curvscope report).
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & "q" \'a\''
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from clitools import ALL, SMALL, TRACK, run_one_thread
+from clitools import ALL, HOSTILE, SMALL, TRACK, run_one_thread
 
 # A tiny problem whose Hessian we can build densely: a 3 -> 3 linear layer plus bias (n = 12)
 # and a 3 -> 1 head (n = 4) with a softplus in between, MSE loss on 20 samples in 3 batches.
@@ -130,3 +130,54 @@ def tracked(track_module, tmp_path_factory):
     code, out, err = run_one_thread(*args, "--measure", ALL, *SMALL, "--out", str(folder))
     assert code == 0, err
     return folder, out
+
+
+#: The folders of ``all_results``: command -> its options (with STRUCTURE and TINY).
+REPORTED = {
+    "density": ["--mark-top", "2", "--structure"],
+    "top": ["-k", "3"],
+    "trace": ["--probes", "12"],
+    "overlap": ["-k", "3"],
+    "decompose": [],
+    "blocks": [],
+}
+
+
+@pytest.fixture(scope="session")
+def all_results(structure_module, tmp_path_factory):
+    """One folder with a results folder per command (structmod's 610-parameter MLP on 120
+    digits, tiny settings): ``density/``, ``top/``, ``trace/``, ``overlap/``, ``decompose/``,
+    ``blocks/``."""
+    from clitools import STRUCTURE, TINY
+
+    folder = tmp_path_factory.mktemp("results")
+    for command, extra in REPORTED.items():
+        slq = TINY if command in ("density", "decompose", "blocks") else []
+        out = str(folder / command)
+        code, _, err = run_one_thread(command, *STRUCTURE, *slq, *extra, "--out", out)
+        assert code == 0, err
+    return folder
+
+
+@pytest.fixture(scope="session")
+def results_report(all_results):
+    """``curvscope report`` of ``all_results`` with the title and trace's model set to
+    :data:`HOSTILE`: (the page, stdout)."""
+    import json
+
+    trace_json = all_results / "trace" / "trace.json"
+    meta = json.loads(trace_json.read_text())
+    trace_json.write_text(json.dumps({**meta, "model": HOSTILE}))
+    code, out, err = run_one_thread("report", str(all_results), "--title", HOSTILE)
+    assert code == 0, err
+    return all_results / "report.html", out
+
+
+@pytest.fixture(scope="session")
+def run_report(tracked):
+    """``curvscope report`` of the ``tracked`` run into run.html beside it: (page, stdout)."""
+    folder, _ = tracked
+    page = folder.parent / "run.html"
+    code, out, err = run_one_thread("report", str(folder), "--out", str(page))
+    assert code == 0, err
+    return page, out

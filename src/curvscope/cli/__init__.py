@@ -31,7 +31,19 @@ import torch
 
 from .._version import __version__
 from ..distributed import init_from_environment
-from . import blocks, compare, decompose, density, explain, overlap, plot, top, trace, track
+from . import (
+    blocks,
+    compare,
+    decompose,
+    density,
+    explain,
+    overlap,
+    plot,
+    report_command,
+    top,
+    trace,
+    track,
+)
 from .errors import PROG, CLIError, is_user_error, one_line
 from .jsonout import json_output
 from .options import FORMATTER, CLIParser, rank0_output
@@ -39,7 +51,18 @@ from .signals import Signals, Terminated, interrupted
 from .threads import num_threads
 
 #: The commands, in the order ``curvscope --help`` lists them.
-COMMANDS = (density, top, trace, track, plot, decompose, overlap, blocks, compare)
+COMMANDS = (
+    density,
+    top,
+    trace,
+    track,
+    plot,
+    decompose,
+    overlap,
+    blocks,
+    compare,
+    report_command,
+)
 
 MAIN_EPILOG = """\
 examples:
@@ -49,6 +72,7 @@ examples:
   curvscope track --out runs/gd              # train while tracking: edge of stability
   curvscope plot runs/gd                     # sharpness, density evolution, traces
   curvscope compare results/a results/b      # two saved densities in one figure
+  curvscope report runs/gd                   # one self-contained HTML page of a folder
   curvscope density --model mymodels:build --data mymodels:batches --loss mse
 
 Models, data and losses are import paths package.module:name; a callable is called with no
