@@ -260,3 +260,18 @@ def test_dpi_sets_the_size_of_the_figures(all_results):
     report = build_report(all_results / "overlap", dpi=40)
     (image,) = report.sections[1].figures
     assert image.size == (7 * 40, int(3.6 * 40))  # plot_overlap's 7 x 3.6 inch figure
+
+
+def test_json_names_the_page_and_its_sections(all_results, tmp_path):
+    out_file = tmp_path / "page.html"
+    code, out, err = run_one_thread("report", str(all_results), "--out", str(out_file), "--json")
+    assert code == 0, err
+    record = json.loads(out)  # one object on stdout; the summary went to stderr
+    assert record["command"] == "report" and record["kind"] == "folders"
+    assert record["files"] == [str(out_file)] and record["bytes"] == out_file.stat().st_size
+    assert [s["source"] for s in record["sections"]][:3] == [
+        "density/density.npz",
+        "top/eigenpairs.npz",
+        "trace/trace.npz",
+    ]
+    assert record["num_figures"] == 4 and "wrote" in err

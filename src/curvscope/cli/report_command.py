@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from . import options, report
+from . import jsonout, options, report
 from .errors import PROG, CLIError
 
 
@@ -45,6 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=100,
         help="resolution of the embedded figures (default: 100)",
     )
+    jsonout.json_option(parser)
     parser.add_argument(
         "--threads",
         type=options.positive_int,
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the page and write it; name what it holds and where it went."""
     from ..html_report import write_report
 
+    started = time.perf_counter()
     path = Path(args.path)
     if not path.exists():
         raise CLIError(f"{str(path)!r} does not exist: pass a results folder or a run folder")
@@ -90,4 +93,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  not shown: {len(page.skipped)} file(s), listed at the end of the page")
     size = written.stat().st_size
     print(f"  wrote    {report.paths(written)} ({size / 1e6:.2f} MB, self-contained)")
+    jsonout.emit(
+        args,
+        {
+            "path": path,
+            "kind": page.kind,
+            "sections": [
+                {"title": section.title, "source": section.source} for section in page.sections
+            ],
+            "num_figures": figures,
+            "num_tables": tables,
+            "skipped": len(page.skipped),
+            "problems": list(page.problems),
+            "bytes": size,
+            "files": [written],
+            "wall_time_s": time.perf_counter() - started,
+        },
+    )
     return 0

@@ -4,7 +4,7 @@ A :class:`Report` is a list of :class:`Section` objects (facts, figures, tables,
 :func:`render` writes it as one HTML5 document whose figures are PNGs embedded as base64
 ``data:`` URIs and whose style sits in the page. Its Content-Security-Policy allows nothing
 but those images and that style, so the page loads nothing from the network and runs no code.
-Every text that comes from a file passes :func:`html.escape` here, once.
+Every text that comes from a file passes ``html.escape`` here, once.
 """
 
 from __future__ import annotations
