@@ -17,7 +17,14 @@ import torch
 from ..distributed import is_distributed, rank
 from . import jsonout, options, report
 from .errors import PROG
-from .problem import DIGITS, ProblemSpec, load_problem
+from .problem import (
+    DIGITS,
+    OPERATOR_TITLES,
+    ProblemSpec,
+    load_problem,
+    operator_class,
+    operator_products,
+)
 
 #: Gap factor of the ``--structure`` summary (as ``decompose`` and ``blocks`` default).
 STRUCTURE_GAP_FACTOR = 0.25
@@ -83,6 +90,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="print and save the density's structure: outliers, bulk edges, negative "
         "mass (curvscope.analysis.spectrum_structure)",
     )
+    options.operator_option(parser, "matrix analysed (default: hessian; docs/fisher.md)")
     parser.set_defaults(run=run)
 
 
@@ -157,13 +165,12 @@ def run(args: argparse.Namespace) -> int:
     """Estimate, save, plot and print the density (and its structure with --structure)."""
     from ..analysis import spectrum_structure
     from ..linalg import spectral_density, top_eigenpairs
-    from ..operators import HessianOperator
     from ..plot import plot_density
 
     out = options.out_dir(args)
     started = time.perf_counter()
     problem = load_problem(ProblemSpec.from_args(args, DIGITS))
-    op = problem.operator(HessianOperator)
+    op = problem.operator(operator_class(args.operator))
     density = spectral_density(
         op,
         num_iters=args.iters,
@@ -187,10 +194,11 @@ def run(args: argparse.Namespace) -> int:
     plot_density(density, png, top_eigenvalues=marks, top_label=label, sigma=args.sigma)
     files.append(png)
     steps = int(density.num_steps.max())
-    print(f"curvscope density: {problem.describe(op)}")
+    print(f"curvscope density: {problem.describe(op, OPERATOR_TITLES[args.operator])}")
     print(
         f"  SLQ      {density.num_probes} probes x {steps} Lanczos steps (float64, full "
-        f"reorthogonalization), {int(density.num_steps.sum()):,} Hessian-vector products"
+        f"reorthogonalization), {int(density.num_steps.sum()):,} "
+        f"{operator_products(args.operator)}"
     )
     print(
         f"  Ritz     lambda_min = {density.lambda_min:.6g}, lambda_max = {density.lambda_max:.6g}"

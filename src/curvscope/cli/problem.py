@@ -261,3 +261,17 @@ def operator_class(name: str) -> type:
         "fisher": FisherOperator,
         "empirical-fisher": EmpiricalFisherOperator,
     }[name]
+
+
+#: What --operator names, in the commands' printed lines.
+OPERATOR_TITLES = {
+    "hessian": "Hessian",
+    "ggn": "Gauss-Newton matrix",
+    "fisher": "Fisher (sampled labels)",
+    "empirical-fisher": "empirical Fisher",
+}
+
+
+def operator_products(name: str) -> str:
+    """How the products of --operator NAME are called: "Hessian-vector products", ..."""
+    return "Hessian-vector products" if name == "hessian" else f"{OPERATOR_TITLES[name]} products"

@@ -10,7 +10,14 @@ import sys
 import time
 
 from . import jsonout, options, report
-from .problem import DIGITS, ProblemSpec, load_problem
+from .problem import (
+    DIGITS,
+    OPERATOR_TITLES,
+    ProblemSpec,
+    load_problem,
+    operator_class,
+    operator_products,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -38,18 +45,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         which=["largest", "smallest", "magnitude"],
         which_help="algebraically largest or smallest, or largest in magnitude (default: largest)",
     )
+    options.operator_option(parser, "matrix analysed (default: hessian; docs/fisher.md)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute, save and print the eigenpairs; warn when some missed the tolerance."""
     from ..linalg import top_eigenpairs
-    from ..operators import HessianOperator
 
     out = options.out_dir(args)
     started = time.perf_counter()
     problem = load_problem(ProblemSpec.from_args(args, DIGITS))
-    op = problem.operator(HessianOperator)
+    op = problem.operator(operator_class(args.operator))
     tol = options.tolerance(args, op.dtype)
     with options.progress(args, desc="products", unit="hvp") as bar:
         pairs = top_eigenpairs(
@@ -61,13 +68,14 @@ def run(args: argparse.Namespace) -> int:
         )
     pairs = problem.annotate(pairs, op)
     files = pairs.save(out / "eigenpairs", with_vectors=not args.no_vectors)
-    print(f"curvscope top: {args.k} {args.which} eigenvalues of the {problem.describe(op)}")
+    what = problem.describe(op, OPERATOR_TITLES[args.operator])
+    print(f"curvscope top: {args.k} {args.which} eigenvalues of the {what}")
     print(f"  {'#':>3}  {'eigenvalue':>20}  {'residual':>9}  converged (tol {tol:g})")
     for i, (value, residual, ok) in enumerate(
         zip(pairs.values, pairs.residuals, pairs.converged, strict=True), start=1
     ):
         print(f"  {i:>3}  {value:>20.12g}  {residual:>9.2e}  {'yes' if ok else 'NO'}")
-    print(f"  products {pairs.meta['num_products']:,} Hessian-vector products")
+    print(f"  products {pairs.meta['num_products']:,} {operator_products(args.operator)}")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
     jsonout.emit(

@@ -6,7 +6,13 @@ import argparse
 import time
 
 from . import jsonout, options, report
-from .problem import DIGITS, ProblemSpec, load_problem
+from .problem import (
+    DIGITS,
+    OPERATOR_TITLES,
+    ProblemSpec,
+    load_problem,
+    operator_class,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -38,18 +44,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         default="hutch++",
         help="estimator (default: hutch++)",
     )
+    options.operator_option(parser, "matrix analysed (default: hessian; docs/fisher.md)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Estimate, save and print tr(H) and tr(H)/n."""
     from ..linalg import trace
-    from ..operators import HessianOperator
 
     out = options.out_dir(args)
     started = time.perf_counter()
     problem = load_problem(ProblemSpec.from_args(args, DIGITS))
-    op = problem.operator(HessianOperator)
+    op = problem.operator(operator_class(args.operator))
     products = args.probes if args.method == "hutchinson" else 3 * (args.probes // 3)
     with options.progress(args, total=products, desc="products", unit="hvp") as bar:
         estimate = trace(
@@ -60,12 +66,14 @@ def run(args: argparse.Namespace) -> int:
         )
     estimate = problem.annotate(estimate, op)
     files = estimate.save(out / "trace")
-    print(f"curvscope trace: {problem.describe(op)}")
+    print(f"curvscope trace: {problem.describe(op, OPERATOR_TITLES[args.operator])}")
+    symbol = {"hessian": "H", "ggn": "G", "fisher": "F", "empirical-fisher": "F_emp"}
+    label = f"tr({symbol[args.operator]})"
     print(
-        f"  tr(H)    {estimate.value:.6g} ± {report.two_digits(estimate.std_error)} (standard "
+        f"  {label:<8} {estimate.value:.6g} ± {report.two_digits(estimate.std_error)} (standard "
         f"error; {args.method}, {estimate.meta['num_products']} products)"
     )
-    print(f"  tr(H)/n  {estimate.value / op.num_params:.6g} (mean eigenvalue)")
+    print(f"  {label + '/n':<8} {estimate.value / op.num_params:.6g} (mean eigenvalue)")
     print(f"  time     {time.perf_counter() - started:.1f} s")
     print(f"  wrote    {report.paths(*files)}")
     jsonout.emit(
