@@ -8,15 +8,27 @@
   cost more than they save, and on a busy machine spinning BLAS/OpenMP threads made the dense
   references and eigendecompositions 10-100x slower (measured: a 300 x 300 QR took 1.8 s with
   two threads on a loaded 2-core machine, 0.02 s with one).
+* The model cache lives in a temporary folder of the session (below).
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# The model cache (curvscope.model_cache) of this test session: a fresh folder, removed at
+# exit, so that no test writes to ~/.cache or reads what an earlier run left there. The CLI
+# tests' child processes inherit it, so the default model is trained once per session.
+_MODEL_CACHE = tempfile.mkdtemp(prefix="curvscope-test-cache-")
+os.environ["CURVSCOPE_CACHE_DIR"] = _MODEL_CACHE
+os.environ.pop("CURVSCOPE_NO_CACHE", None)
+atexit.register(shutil.rmtree, _MODEL_CACHE, ignore_errors=True)
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ set in batches of 256 and the cross-entropy loss.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 from collections.abc import Sequence
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from curvscope.model_cache import cached_arrays, cached_training, source_digest
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10
@@ -41,17 +44,24 @@ def digits_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         (inputs float32 of shape (1797, 64), targets int64 of shape (1797,)). Each pixel is
         standardized to mean 0 and standard deviation 1 over the whole set; pixels that are
         constant (always 0) stay 0. The order is a permutation drawn from ``seed`` so that
-        every batch holds all classes.
+        every batch holds all classes. Kept in the model cache (:mod:`curvscope.model_cache`)
+        after the first call, which spares later processes the import of scikit-learn.
     """
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = digits.data.astype(np.float64)
-    y = digits.target.astype(np.int64)
-    std = x.std(axis=0)
-    x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    order = np.random.default_rng(seed).permutation(len(y))
-    return x[order].astype(np.float32), y[order]
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = digits.data.astype(np.float64)
+        y = digits.target.astype(np.int64)
+        std = x.std(axis=0)
+        x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        order = np.random.default_rng(seed).permutation(len(y))
+        return x[order].astype(np.float32), y[order]
+
+    arguments = {"seed": int(seed), "scikit-learn": importlib.metadata.version("scikit-learn")}
+    x, y = cached_arrays("digits", arguments, source_digest(__file__), compute)
+    return x, y
 
 
 def digits_data(batch_size: int = 256, num_samples: int | None = None, seed: int = 0) -> Batches:
@@ -197,18 +207,44 @@ def trained_digits_mlp(
     hidden: Sequence[int] = (32, 32),
     activation: str = "tanh",
     batchnorm: bool = False,
+    cache: bool = True,
 ) -> nn.Sequential:
     """:func:`digits_mlp` trained with Adam (lr 3e-3) for ``steps`` batches of 256 digits.
 
     The default problem of the ``curvscope`` command. Training runs on all 1797 digits of
-    :func:`digits_data` (so the Hessian the CLI measures is that of the training loss) and
-    takes about a second on two CPU cores; the result is the same on every call.
+    :func:`digits_data` (so the Hessian the CLI measures is that of the training loss); the
+    result is the same on every call. The trained weights are kept in the model cache
+    (:mod:`curvscope.model_cache`: ``~/.cache/curvscope`` unless ``CURVSCOPE_CACHE_DIR`` or
+    ``CURVSCOPE_NO_CACHE`` say otherwise), so later calls, in any process, skip the training.
+
+    Args:
+        steps: Adam steps, one batch of 256 each.
+        seed: Seed of the initial weights and of the data order.
+        hidden: As in :func:`digits_mlp`.
+        activation: As in :func:`digits_mlp`.
+        batchnorm: As in :func:`digits_mlp`.
+        cache: False trains afresh and neither reads nor writes the cache.
 
     Returns:
         The trained model in eval mode.
     """
-    model = digits_mlp(hidden=hidden, activation=activation, batchnorm=batchnorm, seed=seed)
-    return train(model, digits_data(seed=seed), steps=steps, seed=seed)
+    arguments = {
+        "steps": int(steps),
+        "seed": int(seed),
+        "hidden": [int(h) for h in hidden],
+        "activation": activation,
+        "batchnorm": bool(batchnorm),
+    }
+
+    def build() -> nn.Sequential:
+        return digits_mlp(hidden=hidden, activation=activation, batchnorm=batchnorm, seed=seed)
+
+    def fit(model: nn.Module) -> nn.Module:
+        return train(model, digits_data(seed=seed), steps=steps, seed=seed)
+
+    return cached_training(
+        "trained_digits_mlp", arguments, source_digest(__file__), build, fit, enabled=cache
+    )
 
 
 def accuracy(model: nn.Module, data: Batches) -> float:
