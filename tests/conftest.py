@@ -22,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import pytest
+import torch
+
 # The model cache (curvscope.model_cache) of this test session: a fresh folder, removed at
 # exit, so that no test writes to ~/.cache or reads what an earlier run left there. The CLI
 # tests' child processes inherit it, so the default model is trained once per session.
@@ -29,9 +32,6 @@ _MODEL_CACHE = tempfile.mkdtemp(prefix="curvscope-test-cache-")
 os.environ["CURVSCOPE_CACHE_DIR"] = _MODEL_CACHE
 os.environ.pop("CURVSCOPE_NO_CACHE", None)
 atexit.register(shutil.rmtree, _MODEL_CACHE, ignore_errors=True)
-
-import pytest
-import torch
 
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:

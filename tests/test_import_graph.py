@@ -110,7 +110,8 @@ def test_no_command_imports_another_and_cli_modules_stay_small():
 #: The design's direction (../shared/DESIGN.md): numerics know only the operator interface,
 #: operators only PyTorch, analyses and tracking combine the two, CLI and plots sit on top.
 #: A module may import its own layer and those below, never one above. Leaf utilities
-#: (results, resources, distributed, rng, losses, _version, zoo, model_cache) import no layer at all.
+#: (results, resources, distributed, rng, losses, _version, zoo, model_cache) import no
+#: layer at all.
 LAYERS = {
     "curvscope.linalg": 1,
     "curvscope.operators": 2,
