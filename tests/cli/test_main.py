@@ -7,7 +7,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from clitools import run
+import pytest
+from clitools import assert_one_line_error, run, run_one_thread
 
 from curvscope.cli import main
 
@@ -49,3 +50,13 @@ def test_entry_point_is_installed():
     )
     assert done.returncode == 0, done.stderr
     assert "usage: curvscope" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, unknown",
+    [(("top", "--k", "3"), "--k"), (("density", "--iter", "5"), "--iter")],
+)
+def test_options_are_never_abbreviated(args, unknown):
+    """``top --k 3`` once ran as ``--keep-graphs 3`` (argparse's prefix matching)."""
+    code, out, err = run_one_thread(*args)
+    assert_one_line_error(code, out, err, f"unrecognized arguments: {unknown}")

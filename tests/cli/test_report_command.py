@@ -275,3 +275,28 @@ def test_json_names_the_page_and_its_sections(all_results, tmp_path):
         "trace/trace.npz",
     ]
     assert record["num_figures"] == 4 and "wrote" in err
+
+
+def test_sections_name_the_operator_measured(structure_module, tmp_path):
+    """G, F and F_emp results are titled by their operator (not "the operator"), with
+    "Gauss-Newton" spelled as a name."""
+    from clitools import STRUCTURE, TINY
+
+    for command, operator, slq in [
+        ("density", "ggn", TINY),
+        ("top", "fisher", ["-k", "2"]),
+        ("trace", "empirical-fisher", ["--probes", "9"]),
+    ]:
+        out = str(tmp_path / operator)
+        code, _, err = run_one_thread(
+            command, *STRUCTURE, *slq, "--operator", operator, "--out", out
+        )
+        assert code == 0, err
+    code, _, err = run_one_thread("report", str(tmp_path))
+    assert code == 0, err
+    titles = [s.title for s in parse((tmp_path / "report.html").read_text()).sections]
+    assert titles == [
+        "Gauss-Newton matrix eigenvalue density",
+        "Largest eigenvalues of the Fisher",
+        "Trace of the empirical Fisher",
+    ]

@@ -39,7 +39,15 @@ FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 class CLIParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors become one-line :class:`CLIError`."""
+    """An ArgumentParser whose usage errors become one-line :class:`CLIError`.
+
+    Options are never abbreviated (``allow_abbrev=False``): ``top --k 3`` is refused as an
+    unknown option instead of being read as ``--keep-graphs 3``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         """Raise a :class:`CLIError` pointing to --help instead of exiting (argparse's default)."""

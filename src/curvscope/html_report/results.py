@@ -43,6 +43,8 @@ OPERATORS = {
     "HessianOperator": ("Hessian", "H"),
     "GGNOperator": ("Gauss-Newton matrix", "G"),
     "ResidualOperator": ("residual H - G", "R"),
+    "FisherOperator": ("Fisher", "F"),
+    "EmpiricalFisherOperator": ("empirical Fisher", "F_emp"),
 }
 
 #: Kinds whose files make a section of their own, in page order.
@@ -64,6 +66,11 @@ PAGE_ORDER = (*SECTION_KINDS.values(), "run")
 def operator_words(meta: dict[str, Any]) -> tuple[str, str]:
     """(name, letter) of the operator a result's metadata names; ("operator", "A") if none."""
     return OPERATORS.get(str(meta.get("operator", "")), ("operator", "A"))
+
+
+def capitalized(text: str) -> str:
+    """``text`` with its first letter upper-case and the rest as it is ("Gauss-Newton")."""
+    return text[:1].upper() + text[1:]
 
 
 def draw(make: Callable[[], Any], alt: str, caption: str, dpi: int, notes: list[str]) -> list:
@@ -238,7 +245,7 @@ def density_section(
     if pairs is not None:
         tables.append(eigenpairs_table(pairs, f"Top {pairs.values.size} eigenvalues"))
     return Section(
-        title or f"{word.capitalize()} eigenvalue density",
+        title or f"{capitalized(word)} eigenvalue density",
         source,
         f"Eigenvalue density of the {word} by stochastic Lanczos quadrature: "
         f"{density.num_probes} probes x {steps} Lanczos steps, {products:,} operator products; "
@@ -261,7 +268,7 @@ def eigenpairs_section(pairs: Eigenpairs, source: str, title: str | None = None)
     if "tol" in pairs.meta:
         summary += f", each driven to a relative residual of {number(pairs.meta['tol'], 3)}"
     return Section(
-        title or f"{which.capitalize()} eigenvalues of the {word}",
+        title or f"{capitalized(which)} eigenvalues of the {word}",
         source,
         summary + ".",
         facts(pairs.meta, n=n),
