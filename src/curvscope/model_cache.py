@@ -17,10 +17,11 @@ Each entry is one file, ``<name>-<key digest>.pt``: a header line with the forma
 SHA-256 of the payload, then the payload (``torch.save`` of the key and the ``state_dict``).
 The key holds the factory's arguments, the versions of curvscope and torch and the digest of
 the source that trains the model, so a change of any of them trains afresh under a new name.
-Files are written to a temporary name and renamed into place (a killed process leaves no torn
-entry; concurrent processes each write a whole file). A file that fails its checksum, holds
-another key or does not fit the model is reported with a warning and replaced; a folder that
-cannot be written is reported with a warning and the trained model is used as it is.
+Files are written as every result is (:mod:`curvscope.results`: a temporary name, fsync,
+rename into place), so a killed process leaves no torn entry and concurrent processes each
+write a whole file. A file that fails its checksum, holds another key or does not fit the
+model is reported with a warning and replaced; a folder that cannot be written is reported
+with a warning and the trained model is used as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from curvscope._version import __version__
+from curvscope.results import _atomic_write
 
 ENV_DIR = "CURVSCOPE_CACHE_DIR"
 ENV_OFF = "CURVSCOPE_NO_CACHE"
@@ -205,17 +206,7 @@ def _write(path: Path, key: Mapping[str, object], payload: dict) -> None:
     torch.save({"key": dict(key), **payload}, buffer)
     raw = buffer.getvalue()
     header = b"%s %d %s\n" % (_MAGIC, FORMAT, hashlib.sha256(raw).hexdigest().encode())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(header + raw)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda file: file.write(header + raw))
 
 
 def _read(path: Path, key: Mapping[str, object]) -> dict:
